@@ -1,0 +1,1 @@
+"""Checkpoint formats: itmatch's own (native) and the originals' released files."""

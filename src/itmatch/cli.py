@@ -1,0 +1,306 @@
+"""`itmatch` command line: the only place that parses argv, configures logging and turns errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from itmatch.errors import DataError, ItmatchError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise ItmatchError(f"{message} (see `{self.prog} --help`)")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------------------------------- data
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from itmatch.data.synthetic import generate
+
+    sizes = None
+    if args.train_images is not None:
+        from itmatch.data.synthetic import SPLITS_COCO, SPLITS_F30K
+
+        sizes = dict(SPLITS_COCO if args.variant == "coco" else SPLITS_F30K, train=args.train_images)
+    started = time.perf_counter()
+    counts = generate(args.out, variant=args.variant, seed=args.seed, dim=args.dim, sizes=sizes,
+                      render=args.render, progress=_progress(args))
+    vocab = _write_vocab(Path(args.out), threshold=4)
+    print(f"wrote {args.variant}-like synthetic dataset to {args.out} in {time.perf_counter() - started:.1f}s: "
+          + ", ".join(f"{k} {v} images" for k, v in counts.items()) + f"; vocabulary {vocab} words")
+    return 0
+
+
+def _write_vocab(root: Path, threshold: int, out: Path | None = None) -> int:
+    from itmatch.data.precomp import resolve_root
+    from itmatch.data.vocab import save_vocab, vocab_from_captions_files
+
+    root = resolve_root(root, "train")
+    files = [root / f"{s}_caps.txt" for s in ("train", "dev") if (root / f"{s}_caps.txt").is_file()]
+    vocab = vocab_from_captions_files(files, threshold=threshold)
+    save_vocab(vocab, out or root / "vocab.json")
+    return len(vocab)
+
+
+def _cmd_vocab(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else None
+    n = _write_vocab(Path(args.dir), args.threshold, out)
+    print(f"vocabulary of {n} words (count >= {args.threshold} in train+dev) written to {out or 'vocab.json'}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from itmatch.data.check import check_dataset
+
+    lines, problems = check_dataset(args.dir)
+    for line in lines:
+        print(line)
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        raise DataError(f"{args.dir}: {len(problems)} problem(s); first: {problems[0]}")
+    print(f"{args.dir}: OK")
+    return 0
+
+
+def _cmd_convert_butd(args: argparse.Namespace) -> int:
+    from itmatch.data.butd import convert_butd
+
+    n = convert_butd(args.tsv, args.ids, args.out, args.split, progress=_progress(args))
+    print(f"wrote {n} images to {Path(args.out) / f'{args.split}_ims.npy'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- train
+def _cmd_train(args: argparse.Namespace) -> int:
+    from itmatch.config import load_preset
+    from itmatch.evaluation import format_table
+    from itmatch.train import fit
+
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.resume:
+        if not args.out:
+            raise ItmatchError("--resume needs --out DIR (the run directory to continue)")
+        cfg = None
+    else:
+        if not args.preset:
+            raise ItmatchError("train needs --preset NAME (see `itmatch presets`) or --resume with --out DIR")
+        cfg = load_preset(args.preset, overrides)
+    out = Path(args.out or f"runs/{Path(args.preset).stem}")
+    if cfg is None:
+        from itmatch.checkpoints import native
+        from itmatch.config import config_from_dict
+        from itmatch.train import CHECKPOINT
+
+        cfg = config_from_dict(native.load(out / CHECKPOINT)["config"])
+    summary = fit(cfg, out, resume=args.resume, progress=_progress(args))
+    print(f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['train_seconds']:.0f}s; "
+          f"best dev score {summary['best_score']:.1f} at epoch {summary['best_epoch']}; checkpoints in {out}")
+    if args.test:
+        results = _evaluate([str(out / "model_best.pt")], data=None, split=cfg.data.test_split, fold5=False,
+                            progress=_progress(args))
+        print(format_table(results, title=f"test ({cfg.data.test_split})"))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- eval
+def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
+    """Contrast pairs (image rows) of a split, from the synthetic dataset's scenes.jsonl if present."""
+    path = root / "scenes.jsonl"
+    if not path.is_file():
+        return []
+    groups: dict[int, list[int]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            scene = json.loads(line)
+            if scene.get("split") == split and scene.get("group") is not None:
+                groups.setdefault(int(scene["group"]), []).append(int(scene["index"]))
+    return [(m[0], m[1]) for m in groups.values() if len(m) == 2]
+
+
+def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
+              batch_size: int = 128, device: str = "cpu") -> dict:
+    from itmatch.checkpoints.loader import load_model
+    from itmatch.data.precomp import PrecompSplit, resolve_root
+    from itmatch.evaluation import contrast_accuracy, evaluate_sims
+    from itmatch.inference import compute_sims
+
+    sims_sum, names, root = None, [], None
+    for path in ckpts:
+        loaded = load_model(path, device=device)
+        root = resolve_root(data or loaded.config.data.path, split)
+        split_data = PrecompSplit(root, split)
+        sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
+                            progress=progress)
+        if sims_sum is not None and sims.shape != sims_sum.shape:
+            raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
+        sims_sum = sims if sims_sum is None else sims_sum + sims
+        names.append(f"{loaded.config.model.name}:{path}")
+    sims = sims_sum / len(ckpts)  # ensembles average the similarity matrices, as the papers
+    results = evaluate_sims(sims, fold5=fold5, curves=True)
+    results.update({"models": names, "split": split, "data": str(root), "fold5": fold5})
+    pairs = _contrast_pairs(root, split)
+    if pairs and not fold5:
+        results["contrast"] = contrast_accuracy(sims, pairs)
+    return results
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from itmatch.evaluation import format_table
+    from itmatch.report import plot_recall_curves, write_json
+
+    results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
+                        batch_size=args.batch_size, device=args.device)
+    protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
+    print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
+    if args.out:
+        write_json(results, args.out)
+        print(f"results written to {args.out}")
+    if args.plot:
+        plot_recall_curves({"model" if len(args.ckpt) == 1 else "ensemble": results["curve"]}, args.plot)
+        print(f"recall curves written to {args.plot}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- misc
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from itmatch.config import _preset_dir, list_presets
+
+    for name in list_presets():
+        first = (_preset_dir() / f"{name}.toml").read_text(encoding="utf-8").splitlines()[0]
+        print(f"{name:32s} {first.lstrip('# ').strip()}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Synthesise the dataset, train VSE++ for a few minutes, evaluate on test, write the report."""
+    from itmatch.config import load_preset
+    from itmatch.data.synthetic import generate
+    from itmatch.evaluation import format_table
+    from itmatch.report import plot_recall_curves, write_json
+    from itmatch.train import BEST, fit
+
+    out, data = Path(args.out), Path(args.data)
+    progress = _progress(args)
+    if not (data / "train_ims.npy").is_file():
+        print(f"[1/3] synthesising the F30K-like dataset in {data} ...", flush=True)
+        generate(data, variant="f30k", seed=0, progress=progress, render=False)
+        _write_vocab(data, threshold=4)
+    else:
+        print(f"[1/3] using the synthetic dataset in {data}", flush=True)
+    cfg = load_preset("vsepp_synth", [f"data.path={json.dumps(str(data))}", *(args.set or [])])
+    print(f"[2/3] training VSE++ (preset vsepp_synth, {cfg.train.epochs} epochs) into {out} ...", flush=True)
+    if (out / "checkpoint.pt").exists():
+        import shutil
+
+        shutil.rmtree(out)
+    summary = fit(cfg, out, progress=progress)
+    print(f"      {summary['steps']} steps in {summary['train_seconds']:.0f}s, best dev rsum "
+          f"{summary['best_score']:.1f} (epoch {summary['best_epoch']})", flush=True)
+    print("[3/3] evaluating on the test split ...", flush=True)
+    results = _evaluate([str(out / BEST)], data=str(data), split="test", fold5=False, progress=progress)
+    results["train_seconds"] = summary["train_seconds"]
+    print(format_table(results, title="VSE++ on the synthetic F30K-like test split (1000 images, 5000 captions)"))
+    write_json(results, out / "report.json")
+    plot_recall_curves({"VSE++": results["curve"]}, out / "recall.png", title="VSE++, synthetic test split")
+    print(f"report: {out / 'report.json'}, {out / 'recall.png'}; TensorBoard logs: {out / 'tb'}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="itmatch", description="Image-text matching: train, evaluate and compare six methods.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model from a preset")
+    t.add_argument("--preset", help="preset name (see `itmatch presets`) or a .toml file")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a preset value")
+    t.add_argument("--data", help="dataset directory (same as --set data.path=DIR)")
+    t.add_argument("--out", help="run directory (default runs/PRESET)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--test", action="store_true", help="evaluate the best model on the test split afterwards")
+    t.set_defaults(run=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate one checkpoint, or an ensemble of several (averaged similarities)")
+    e.add_argument("ckpt", nargs="+", help="checkpoint file(s)")
+    e.add_argument("--data", help="dataset directory (default: the one the model was trained on)")
+    e.add_argument("--split", default="test", help="split to evaluate: test (F30K), testall (COCO), dev")
+    e.add_argument("--fold5", action="store_true", help="COCO 1K protocol: mean over 5 folds of 1000 images")
+    e.add_argument("--out", help="write the results as JSON")
+    e.add_argument("--plot", help="write recall@K curves as PNG")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(run=_cmd_eval)
+
+    d = sub.add_parser("data", help="create, check and convert datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    s = dsub.add_parser("synth", help="write the deterministic synthetic dataset (SCAN precomp layout)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--variant", choices=("f30k", "coco"), default="f30k")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dim", type=int, default=256, help="feature size (2048 = the real BUTD shape)")
+    s.add_argument("--train-images", type=int, help="number of training images")
+    s.add_argument("--render", action="store_true", help="also draw every scene to images/ID.png")
+    s.set_defaults(run=_cmd_synth)
+    c = dsub.add_parser("check", help="validate a dataset fully (shapes, dtypes, counts, encoding, NaN/inf)")
+    c.add_argument("dir")
+    c.set_defaults(run=_cmd_check)
+    b = dsub.add_parser("convert-butd", help="bottom-up-attention TSV -> {split}_ims.npy (streamed)")
+    b.add_argument("--tsv", nargs="+", required=True, help="TSV file(s)")
+    b.add_argument("--ids", required=True, help="image id list defining the output order")
+    b.add_argument("--out", required=True)
+    b.add_argument("--split", required=True)
+    b.set_defaults(run=_cmd_convert_butd)
+    v = dsub.add_parser("vocab", help="build the vocabulary JSON from train+dev captions")
+    v.add_argument("dir")
+    v.add_argument("--threshold", type=int, default=4)
+    v.add_argument("--out", help="output path (default DIR/vocab.json)")
+    v.set_defaults(run=_cmd_vocab)
+
+    pr = sub.add_parser("presets", help="list the packaged presets")
+    pr.set_defaults(run=_cmd_presets)
+
+    dm = sub.add_parser("demo", help="synthesise data, train VSE++, evaluate and report (a few minutes)")
+    dm.add_argument("--out", default="runs/demo")
+    dm.add_argument("--data", default="data/synth_f30k")
+    dm.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    dm.set_defaults(run=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s")
+        return args.run(args)
+    except ItmatchError as err:
+        print(f"itmatch: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("itmatch: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"itmatch: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,80 @@
+"""Encode a split with a model and compute its similarity matrix in memory-bounded blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from itmatch.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit, pad_captions
+from itmatch.data.vocab import Vocabulary
+from itmatch.models.base import Encoded, RetrievalModel
+
+
+def _cat(parts: list[Encoded]) -> Encoded:
+    """Concatenate encoder outputs, zero-padding per-word/per-region features to the longest."""
+    if parts[0].emb.ndim == 2:
+        return Encoded(torch.cat([p.emb for p in parts]))
+    width = max(p.emb.shape[1] for p in parts)
+    embs = [F.pad(p.emb, (0, 0, 0, width - p.emb.shape[1])) for p in parts]
+    lengths = None if parts[0].lengths is None else torch.cat([p.lengths for p in parts])
+    return Encoded(torch.cat(embs), lengths)
+
+
+def image_rows(split: PrecompSplit) -> list[int]:
+    """Feature row of each distinct image covered by the split's captions."""
+    return [split.image_of(CAPTIONS_PER_IMAGE * i) for i in range(split.n_images)]
+
+
+@torch.inference_mode()
+def encode_images(model: RetrievalModel, split: PrecompSplit, *, batch_size: int = 128,
+                  device: torch.device | str = "cpu", progress: bool = False) -> Encoded:
+    """Encode each distinct image once (the originals encode it five times, once per caption)."""
+    rows = image_rows(split)
+    parts = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="images", disable=not progress, leave=False):
+        feats = torch.from_numpy(split.images[np.asarray(rows[start : start + batch_size])]).float()
+        parts.append(model.encode_image(feats.to(device)).to("cpu"))
+    split.images.release()
+    return _cat(parts)
+
+
+@torch.inference_mode()
+def encode_captions(model: RetrievalModel, tokens: Sequence[list[int]], *, batch_size: int = 128,
+                    device: torch.device | str = "cpu", progress: bool = False) -> Encoded:
+    parts = []
+    for start in tqdm(range(0, len(tokens), batch_size), desc="captions", disable=not progress, leave=False):
+        captions, lengths = pad_captions(list(tokens[start : start + batch_size]))
+        parts.append(model.encode_text(captions.to(device), lengths).to("cpu"))
+    return _cat(parts)
+
+
+@torch.inference_mode()
+def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *, chunk: int = 1024,
+                      dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> np.ndarray:
+    """(n_images, n_captions) scores, computed `chunk` images at a time.
+
+    dtype float64 by default: the originals copy embeddings into float64 numpy arrays before scoring.
+    """
+    texts = texts.to(device, dtype)
+    out = np.empty((len(images), len(texts)), dtype=np.float64)
+    for start in range(0, len(images), chunk):
+        block = images.rows(start, start + chunk).to(device, dtype)
+        out[start : start + chunk] = model.similarity(block, texts).double().cpu().numpy()
+    return out
+
+
+def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: Vocabulary, *, batch_size: int = 128,
+                 device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+    """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix."""
+    was_training = model.training
+    model.eval()
+    images = encode_images(model, split, batch_size=batch_size, device=device, progress=progress)
+    tokens = [vocab.encode(c) for c in split.captions]
+    texts = encode_captions(model, tokens, batch_size=batch_size, device=device, progress=progress)
+    sims = similarity_matrix(model, images, texts, device=device)
+    model.train(was_training)
+    return sims

@@ -1,0 +1,3 @@
+"""Every method registers itself here (one explicit list, in order)."""
+
+from itmatch.models import vsepp  # noqa: F401

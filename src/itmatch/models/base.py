@@ -1,0 +1,62 @@
+"""The interface every method implements: encode_image / encode_text / similarity (+ its training loss)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from itmatch.losses import hinge_loss
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Encoder output: pooled (N, D) embeddings, or per-region/per-word (N, L, D) features with lengths."""
+
+    emb: torch.Tensor
+    lengths: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.emb)
+
+    def rows(self, start: int, stop: int) -> Encoded:
+        lengths = None if self.lengths is None else self.lengths[start:stop]
+        emb = self.emb[start:stop]
+        if lengths is not None and emb.ndim == 3 and len(lengths):
+            emb = emb[:, : int(lengths.max())]
+        return Encoded(emb, lengths)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Encoded:
+        lengths = None if self.lengths is None else self.lengths.to(device)
+        return Encoded(self.emb.to(device, dtype), lengths)
+
+
+class RetrievalModel(nn.Module):
+    """Base class: embedding models implement `similarity` as a dot product; cross-attention models override it."""
+
+    margin: float = 0.2
+    max_violation: bool = False
+
+    def encode_image(self, images: torch.Tensor) -> Encoded:
+        raise NotImplementedError
+
+    def encode_text(self, captions: torch.Tensor, lengths: torch.Tensor) -> Encoded:
+        raise NotImplementedError
+
+    def similarity(self, images: Encoded, texts: Encoded) -> torch.Tensor:
+        """(N_img, N_txt) scores."""
+        return images.emb @ texts.emb.T
+
+    def selection_score(self, results: dict) -> float:
+        """Model selection criterion on dev results: rsum, as most originals."""
+        return float(results["rsum"])
+
+    def set_loss(self, *, margin: float, max_violation: bool) -> None:
+        self.margin, self.max_violation = margin, max_violation
+
+    def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                      *, epoch: int) -> dict[str, torch.Tensor]:
+        """Loss terms for one batch (pairs on the diagonal); key "loss" is what is minimised."""
+        sims = self.similarity(self.encode_image(images), self.encode_text(captions, lengths))
+        return {"loss": hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)}

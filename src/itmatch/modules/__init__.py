@@ -1,0 +1,1 @@
+"""Shared building blocks (encoders, normalisation); no method names inside."""

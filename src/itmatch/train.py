@@ -1,0 +1,243 @@
+"""One training loop for every method: deterministic, resumable, atomic checkpoints, TensorBoard scalars.
+
+`fit` never prints or parses argv; progress goes through tqdm (when asked) and the `on_step` callback, numbers
+come back as a dict. Determinism: the batch order of epoch e is a permutation drawn from a generator seeded with
+(seed, e), so a run resumed from any checkpoint (mid-epoch ones included) replays exactly the batches, parameters
+and optimizer state of an uninterrupted run, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from itmatch.checkpoints import native
+from itmatch.config import Config, config_from_dict, config_to_dict
+from itmatch.data.precomp import Batch, CaptionDataset, PrecompSplit, find_vocab, resolve_root
+from itmatch.data.vocab import Vocabulary, load_vocab
+from itmatch.errors import ConfigError, TrainingError
+from itmatch.evaluation import evaluate_sims
+from itmatch.inference import compute_sims
+from itmatch.models.base import RetrievalModel
+from itmatch.registry import create_model
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "model_best.pt"
+
+
+@dataclasses.dataclass
+class RunState:
+    epoch: int = 0  # epoch in progress (0-based)
+    step_in_epoch: int = 0  # batches of `epoch` already done
+    global_step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    train_seconds: float = 0.0  # wall time spent training, summed over resumed sessions
+
+
+def resolve_config(cfg: Config) -> tuple[Config, PrecompSplit, Vocabulary]:
+    """Open the training split and vocabulary and fill in the data-dependent model fields."""
+    if not cfg.data.path:
+        raise ConfigError("no dataset: pass --data DIR or --set data.path=DIR")
+    root = resolve_root(cfg.data.path, cfg.data.train_split)
+    split = PrecompSplit(root, cfg.data.train_split)
+    vocab = load_vocab(find_vocab(root, cfg.data.vocab))
+    updates: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(cfg.model)}
+    if "vocab_size" in fields:
+        updates["vocab_size"] = len(vocab)
+    if "image_dim" in fields:
+        if cfg.model.image_dim not in (0, split.feature_dim):
+            raise ConfigError(
+                f"model.image_dim={cfg.model.image_dim} but {split.images.path} has {split.feature_dim}-d features"
+            )
+        updates["image_dim"] = split.feature_dim
+    model_cfg = dataclasses.replace(cfg.model, **updates)
+    data_cfg = dataclasses.replace(cfg.data, path=str(root))
+    return dataclasses.replace(cfg, model=model_cfg, data=data_cfg), split, vocab
+
+
+def build_model(cfg: Config, device: torch.device | str = "cpu") -> RetrievalModel:
+    model = create_model(cfg.model, device=device)
+    model.set_loss(margin=cfg.train.margin, max_violation=cfg.train.max_violation)
+    return model
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation seeded by (seed, epoch), cut into batch_size chunks."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=gen).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item i = the i-th batch, read with one fancy-indexed copy (works with DataLoader workers)."""
+
+    def __init__(self, dataset: CaptionDataset, batches: list[list[int]]) -> None:
+        self.dataset, self.batches = dataset, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.dataset.batch(self.batches[i])
+
+
+def evaluate_model(model: RetrievalModel, split: PrecompSplit, vocab: Vocabulary, *, batch_size: int = 128,
+                   device: torch.device | str = "cpu", fold5: bool = False) -> dict:
+    """Encode a split and run the retrieval protocol on it."""
+    return evaluate_sims(compute_sims(model, split, vocab, batch_size=batch_size, device=device), fold5=fold5)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int, lr_update: int) -> float:
+    factor = 0.1 ** (epoch // lr_update) if lr_update > 0 else 1.0
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def _checkpoint(model: RetrievalModel, optimizer: torch.optim.Optimizer | None, cfg: Config,
+                vocab: Vocabulary, state: RunState, history: list[dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "config": config_to_dict(cfg),
+        "model": model.state_dict(),
+        "vocab": [vocab.idx2word[i] for i in range(len(vocab))],
+        "state": dataclasses.asdict(state),
+        "history": history,
+        "rng_torch": torch.get_rng_state(),
+    }
+    if optimizer is not None:
+        out["optimizer"] = optimizer.state_dict()
+    return out
+
+
+def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = False,
+        on_step: Callable[[RunState, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train `cfg` into `out_dir` (checkpoint.pt, model_best.pt, config.json, tb/); returns a summary."""
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    saved = None
+    if resume:
+        saved = native.load(ckpt_path)
+        cfg = config_from_dict(saved["config"], str(ckpt_path))
+    cfg, train_split, vocab = resolve_config(cfg)
+    tc, dc = cfg.train, cfg.data
+    device = torch.device(tc.device)
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg, device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    state, history = RunState(), []
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = RunState(**saved["state"])
+        history = list(saved["history"])
+        torch.set_rng_state(saved["rng_torch"])
+        _logger.info("resumed from %s at epoch %d step %d", ckpt_path, state.epoch, state.step_in_epoch)
+    elif ckpt_path.exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+
+    perm = None
+    if dc.shuffle_captions:
+        perm = np.random.default_rng(tc.seed).permutation(train_split.n_captions)
+    dataset = CaptionDataset(train_split, vocab, caption_perm=perm)
+    val_split = PrecompSplit(Path(dc.path), dc.val_split)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=state.global_step or None)
+    started, seconds_before = time.perf_counter(), state.train_seconds
+
+    def save_resumable() -> None:
+        state.train_seconds = seconds_before + time.perf_counter() - started
+        native.save(_checkpoint(model, optimizer, cfg, vocab, state, history), ckpt_path)
+
+    def validate() -> dict:
+        return evaluate_model(model, val_split, vocab, batch_size=dc.batch_size, device=device)
+
+    stop = False
+    try:
+        while state.epoch < tc.epochs and not stop:
+            lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update)
+            batches = epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch)
+            loader = torch.utils.data.DataLoader(
+                _Batches(dataset, batches[state.step_in_epoch :]), batch_size=None, shuffle=False,
+                num_workers=dc.workers,
+            )
+            model.train()
+            bar = tqdm(loader, total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+                       disable=not progress, leave=False)
+            for batch in bar:
+                batch = batch.to(device)
+                terms = model.training_loss(batch.images, batch.captions, batch.lengths, epoch=state.epoch)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at epoch {state.epoch + 1} step {state.global_step + 1}; "
+                        f"the last good checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept; "
+                        "lower train.lr or check the features for NaN/inf (`itmatch data check`)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                state.step_in_epoch += 1
+                state.global_step += 1
+                stats = {k: float(v.detach()) for k, v in terms.items()}
+                if state.global_step % max(tc.log_every, 1) == 0:
+                    for k, v in stats.items():
+                        writer.add_scalar(f"train/{k}", v, state.global_step)
+                    writer.add_scalar("train/lr", lr, state.global_step)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}")
+                if on_step is not None:
+                    on_step(state, stats)
+                if tc.val_every and state.global_step % tc.val_every == 0:
+                    res = validate()
+                    writer.add_scalar("val/rsum", res["rsum"], state.global_step)
+                if tc.save_every and state.global_step % tc.save_every == 0:
+                    save_resumable()
+                if tc.max_steps and state.global_step >= tc.max_steps:
+                    stop = True
+                    break
+            if stop and state.step_in_epoch < len(batches):
+                save_resumable()
+                break
+            # End of epoch: validate, select by the method's criterion (strictly better, as upstream), save.
+            res = validate()
+            score = model.selection_score(res)
+            for direction in ("i2t", "t2i"):
+                for k, v in res[direction].items():
+                    writer.add_scalar(f"val/{direction}_{k}", v, state.global_step)
+            writer.add_scalar("val/rsum", res["rsum"], state.global_step)
+            history.append({"epoch": state.epoch + 1, "step": state.global_step, "rsum": res["rsum"],
+                            "score": score, "i2t_R@1": res["i2t"]["R@1"], "t2i_R@1": res["t2i"]["R@1"]})
+            state.epoch += 1
+            state.step_in_epoch = 0
+            is_best = score > state.best_score
+            if is_best:
+                state.best_score, state.best_epoch = score, state.epoch
+                best = _checkpoint(model, None, cfg, vocab, state, history)
+                native.save(best, out / BEST)
+            save_resumable()
+            _logger.info("epoch %d: dev rsum %.2f%s", state.epoch, res["rsum"], " (best)" if is_best else "")
+    finally:
+        writer.close()
+    total = seconds_before + time.perf_counter() - started
+    return {"out_dir": str(out), "epochs": state.epoch, "steps": state.global_step, "best_score": state.best_score,
+            "best_epoch": state.best_epoch, "train_seconds": total, "history": history}
