@@ -137,7 +137,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     device = torch.device(tc.device)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr)
+    optimizer = model.make_optimizer(tc.lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state, history = RunState(), []
     if saved is not None:
@@ -174,6 +174,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     try:
         while state.epoch < tc.epochs and not stop:
             lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update)
+            model.on_epoch_start(state.epoch)
             batches = epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch)
             loader = torch.utils.data.DataLoader(
                 _Batches(dataset, batches[state.step_in_epoch :]), batch_size=None, shuffle=False,

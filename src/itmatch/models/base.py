@@ -52,6 +52,13 @@ class RetrievalModel(nn.Module):
         """Model selection criterion on dev results: rsum, as most originals."""
         return float(results["rsum"])
 
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The method's optimizer; the loop rescales every group's lr by 0.1 ** (epoch // lr_update)."""
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=lr)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook for per-epoch switches of the originals (e.g. hardest negatives after a warm-up)."""
+
     def set_loss(self, *, margin: float, max_violation: bool) -> None:
         self.margin, self.max_violation = margin, max_violation
 
