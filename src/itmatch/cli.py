@@ -130,7 +130,10 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 
 
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
-              batch_size: int = 128, device: str = "cpu") -> dict:
+              batch_size: int = 128, device: str = "cpu", vocab: str | None = None, dtype: str = "float64",
+              budget_mb: float | None = None) -> dict:
+    import torch
+
     from itmatch.checkpoints.loader import load_model
     from itmatch.data.precomp import PrecompSplit, resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
@@ -138,11 +141,14 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
 
     sims_sum, names, root = None, [], None
     for path in ckpts:
-        loaded = load_model(path, device=device)
+        loaded = load_model(path, device=device, vocab_path=vocab,
+                            data_root=resolve_root(data, split) if data else None)
         root = resolve_root(data or loaded.config.data.path, split)
         split_data = PrecompSplit(root, split)
+        if budget_mb is not None and hasattr(loaded.model, "budget_mb"):
+            loaded.model.budget_mb = budget_mb
         sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                            progress=progress)
+                            progress=progress, dtype=getattr(torch, dtype))
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -161,7 +167,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from itmatch.report import plot_recall_curves, write_json
 
     results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
-                        batch_size=args.batch_size, device=args.device)
+                        batch_size=args.batch_size, device=args.device, vocab=args.vocab, dtype=args.dtype,
+                        budget_mb=args.memory_budget)
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
     print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
     if args.out:
@@ -242,6 +249,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", help="write recall@K curves as PNG")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--vocab", help="vocabulary JSON of an original checkpoint (default: found next to --data)")
+    e.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default="float64",
+                   help="scoring dtype; float64 is what the originals compute (numpy), float32 is faster")
+    e.add_argument("--memory-budget", type=float, metavar="MB",
+                   help="memory for cross-attention intermediates per tile (changes speed, never scores)")
     e.set_defaults(run=_cmd_eval)
 
     d = sub.add_parser("data", help="create, check and convert datasets")

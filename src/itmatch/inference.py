@@ -68,13 +68,14 @@ def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *,
 
 
 def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: Vocabulary, *, batch_size: int = 128,
-                 device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix."""
     was_training = model.training
     model.eval()
     images = encode_images(model, split, batch_size=batch_size, device=device, progress=progress)
     tokens = [vocab.encode(c) for c in split.captions]
     texts = encode_captions(model, tokens, batch_size=batch_size, device=device, progress=progress)
-    sims = similarity_matrix(model, images, texts, device=device)
+    sims = similarity_matrix(model, images, texts, device=device, dtype=dtype)
     model.train(was_training)
     return sims

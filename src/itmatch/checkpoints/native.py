@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from itmatch.checkpoints.official import load_failure_reason
 from itmatch.errors import CheckpointError
 from itmatch.fileio import atomic_write
 
@@ -35,9 +36,9 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = load_failure_reason(err)[:160]
         raise CheckpointError(
-            f"{path}: not a readable itmatch checkpoint (corrupt, truncated or unsafe: {first[:160]})"
+            f"{path}: not a readable itmatch checkpoint (corrupt, truncated or unsafe: {reason})"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
