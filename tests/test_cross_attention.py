@@ -98,3 +98,17 @@ def test_float64_matches_float32_closely_and_gradients_flow() -> None:
     images.requires_grad_(True)
     xattn_similarity(images, captions, lengths, cfg, budget_mb=0.01).sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all()
+
+
+def test_packed_storage_gives_the_same_scores() -> None:
+    from itmatch.models.base import Encoded
+
+    images, captions, lengths = random_case(ni=4, nc=11, seed=9)
+    packed = Encoded(captions, lengths).packed()
+    assert packed.emb.shape == (int(lengths.sum()), 16) and len(packed) == 11
+    for direction in ("t2i", "i2t"):
+        cfg = XAttnConfig(direction=direction)
+        want = xattn_scores(images, captions, lengths, cfg)
+        got = xattn_similarity(images.double(), packed.emb, lengths, cfg, offsets=packed.offsets, budget_mb=0.01)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)

@@ -15,13 +15,15 @@ from itmatch.models.base import Encoded, RetrievalModel
 
 
 def _cat(parts: list[Encoded]) -> Encoded:
-    """Concatenate encoder outputs, zero-padding per-word/per-region features to the longest."""
+    """Concatenate encoder outputs; per-word features with lengths are packed (no padding kept)."""
     if parts[0].emb.ndim == 2:
         return Encoded(torch.cat([p.emb for p in parts]))
+    if parts[0].lengths is not None:
+        packed = [p.packed() for p in parts]
+        lengths = torch.cat([p.lengths for p in packed])
+        return Encoded(torch.cat([p.emb for p in packed]), lengths, torch.cumsum(lengths, 0) - lengths)
     width = max(p.emb.shape[1] for p in parts)
-    embs = [F.pad(p.emb, (0, 0, 0, width - p.emb.shape[1])) for p in parts]
-    lengths = None if parts[0].lengths is None else torch.cat([p.lengths for p in parts])
-    return Encoded(torch.cat(embs), lengths)
+    return Encoded(torch.cat([F.pad(p.emb, (0, 0, 0, width - p.emb.shape[1])) for p in parts]))
 
 
 def image_rows(split: PrecompSplit) -> list[int]:
@@ -57,9 +59,10 @@ def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *,
                       dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> np.ndarray:
     """(n_images, n_captions) scores, computed `chunk` images at a time.
 
-    dtype float64 by default: the originals copy embeddings into float64 numpy arrays before scoring.
+    dtype float64 by default: the originals copy embeddings into float64 numpy arrays before scoring. Packed
+    per-word features stay in their storage dtype; the model casts each tile.
     """
-    texts = texts.to(device, dtype)
+    texts = texts.to(device, None if texts.offsets is not None else dtype)
     out = np.empty((len(images), len(texts)), dtype=np.float64)
     for start in range(0, len(images), chunk):
         block = images.rows(start, start + chunk).to(device, dtype)

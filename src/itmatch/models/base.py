@@ -12,15 +12,19 @@ from itmatch.losses import hinge_loss
 
 @dataclass(frozen=True)
 class Encoded:
-    """Encoder output: pooled (N, D) embeddings, or per-region/per-word (N, L, D) features with lengths."""
+    """Encoder output: pooled (N, D) embeddings, per-region/per-word (N, L, D) features with lengths, or
+    the same features packed back to back, (sum of lengths, D) with `offsets` (item k = rows offsets[k] ...
+    offsets[k] + lengths[k] - 1), which is how large caption galleries are kept without padding."""
 
     emb: torch.Tensor
     lengths: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.emb)
+        return len(self.lengths) if self.offsets is not None else len(self.emb)
 
     def rows(self, start: int, stop: int) -> Encoded:
+        assert self.offsets is None, "rows() of packed features is not supported"
         lengths = None if self.lengths is None else self.lengths[start:stop]
         emb = self.emb[start:stop]
         if lengths is not None and emb.ndim == 3 and len(lengths):
@@ -29,7 +33,16 @@ class Encoded:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Encoded:
         lengths = None if self.lengths is None else self.lengths.to(device)
-        return Encoded(self.emb.to(device, dtype), lengths)
+        offsets = None if self.offsets is None else self.offsets.to(device)
+        return Encoded(self.emb.to(device, dtype), lengths, offsets)
+
+    def packed(self) -> Encoded:
+        """Per-item features without padding (no-op for pooled or already packed features)."""
+        if self.offsets is not None or self.lengths is None or self.emb.ndim != 3:
+            return self
+        keep = torch.arange(self.emb.shape[1], device=self.emb.device)[None, :] < self.lengths[:, None]
+        offsets = torch.cumsum(self.lengths, 0) - self.lengths
+        return Encoded(self.emb[keep], self.lengths, offsets)
 
 
 class RetrievalModel(nn.Module):

@@ -91,7 +91,8 @@ class Scan(RetrievalModel):
 
     def similarity(self, images: Encoded, texts: Encoded) -> torch.Tensor:
         assert texts.lengths is not None
-        return xattn_similarity(images.emb, texts.emb, texts.lengths, self.xattn, budget_mb=self.budget_mb)
+        return xattn_similarity(images.emb, texts.emb, texts.lengths, self.xattn, budget_mb=self.budget_mb,
+                                offsets=texts.offsets)
 
 
 @register_model("scan", ScanConfig)

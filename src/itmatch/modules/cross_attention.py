@@ -38,24 +38,28 @@ class XAttnConfig:
     eps: float = 1e-8
 
 
-def _raw_norm(a: torch.Tensor, kind: str, qmask: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Normalise raw scores over the last (query) axis; `qmask` marks valid query items."""
+def _raw_norm(a: torch.Tensor, kind: str, qmask: torch.Tensor | None, eps: float, inplace: bool) -> torch.Tensor:
+    """Normalise raw scores over the last (query) axis; `qmask` marks valid query items. Never modifies `a`."""
     if kind in ("clipped_l2norm", "clipped", "clipped_l1norm"):
-        a = F.leaky_relu(a, negative_slope=0.1)  # upstream uses LeakyReLU(0.1), not the paper's ReLU
+        x = F.leaky_relu(a, negative_slope=0.1)  # upstream uses LeakyReLU(0.1), not the paper's ReLU
+    elif kind in ("l2norm", "l1norm", "no_norm", "softmax"):
+        x = a.clone() if inplace else a
+    else:
+        raise ValueError(f"unknown raw_feature_norm {kind!r}")
     if qmask is not None and kind != "softmax":
-        a = a * qmask
+        x = x.mul_(qmask) if inplace else x * qmask
     match kind:
         case "clipped_l2norm" | "l2norm":
-            return a / (a.pow(2).sum(-1, keepdim=True).sqrt() + eps)
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps
         case "l1norm" | "clipped_l1norm":  # upstream calls an undefined l1norm_d (NameError); the intended norm
-            return a / (a.abs().sum(-1, keepdim=True) + eps)
+            norm = x.abs().sum(-1, keepdim=True) + eps
         case "softmax":
             if qmask is not None:
-                a = a.masked_fill(~qmask, float("-inf"))
-            return torch.softmax(a, dim=-1)
-        case "clipped" | "no_norm":
-            return a
-    raise ValueError(f"unknown raw_feature_norm {kind!r}")
+                x = x.masked_fill(qmask == 0, float("-inf"))
+            return torch.softmax(x, dim=-1)
+        case _:
+            return x
+    return x.div_(norm) if inplace else x / norm
 
 
 def _aggregate(r: torch.Tensor, cfg: XAttnConfig, qmask: torch.Tensor | None,
@@ -80,6 +84,30 @@ def _aggregate(r: torch.Tensor, cfg: XAttnConfig, qmask: torch.Tensor | None,
     raise ValueError(f"unknown agg_func {cfg.agg_func!r}")
 
 
+def _attend(dots: torch.Tensor, context: torch.Tensor, query_norm: torch.Tensor, cmask: torch.Tensor | None,
+            qmask: torch.Tensor | None, cfg: XAttnConfig) -> torch.Tensor:
+    """Cosine of every query item with its attended context, for dots laid out (B, S, X, Q).
+
+    B owns the context items (S of them: `context` is (B, S, d)), X indexes the other modality's items, Q their
+    query items. Reductions over S are strided but no tensor is permuted or copied; without autograd the big
+    intermediates are updated in place (memory traffic, not arithmetic, bounds this part on CPUs).
+    """
+    inplace = not (torch.is_grad_enabled() and (dots.requires_grad or context.requires_grad))
+    b, s, x, q = dots.shape
+    w = _raw_norm(dots, cfg.raw_feature_norm, qmask, cfg.eps, inplace)
+    # softmax over the context axis S; logits are bounded (|.| <= lambda_softmax), so exp needs no shift
+    w = w.mul_(cfg.lambda_softmax).exp_() if inplace else torch.exp(w * cfg.lambda_softmax)
+    if cmask is not None:
+        w = w.mul_(cmask) if inplace else w * cmask
+    denom = w.sum(1, keepdim=True)
+    alpha = w.div_(denom) if inplace else w / denom
+    num = (dots.mul_(alpha) if inplace else dots * alpha).sum(1)  # (B, X, Q); dots is not needed afterwards
+    gram = context @ context.transpose(1, 2)  # (B, S, S)
+    ga = torch.bmm(gram, alpha.reshape(b, s, x * q)).view(b, s, x, q)
+    att_norm = (ga.mul_(alpha) if inplace else ga * alpha).sum(1).clamp_(min=0).sqrt_()  # (B, X, Q)
+    return num / (query_norm * att_norm).clamp(min=cfg.eps)
+
+
 def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
                  cfg: XAttnConfig) -> torch.Tensor:
     """Scores of every image with every caption in one tile.
@@ -93,36 +121,20 @@ def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Te
     """
     ni, r, d = images.shape
     nc, L, _ = captions.shape
-    wmask = torch.arange(L, device=captions.device)[None, :] < lengths.to(captions.device)[:, None]  # (Nc, L)
-    dots = (images.reshape(ni * r, d) @ captions.reshape(nc * L, d).T).view(ni, r, nc, L)
-    region_norm = images.pow(2).sum(-1).sqrt()  # (Ni, R)
-    word_norm = captions.pow(2).sum(-1).sqrt()  # (Nc, L)
+    lengths = lengths.to(captions.device)
+    wmask = torch.arange(L, device=captions.device)[None, :] < lengths[:, None]  # (Nc, L)
+    wmask_f = wmask.to(captions.dtype)
     if cfg.direction == "t2i":
-        # context = regions (S = R), query = words (Q = L); layout (Ni, Nc, S, Q)
-        a = dots.permute(0, 2, 1, 3).contiguous()
-        qmask = wmask[None, :, None, :]
-        x = _raw_norm(a, cfg.raw_feature_norm, qmask, cfg.eps)
-        alpha = torch.softmax(x * cfg.lambda_softmax, dim=2)  # over regions
-        num = (alpha * a).sum(2)  # (Ni, Nc, L)
-        gram = images @ images.transpose(1, 2)  # (Ni, R, R)
-        ga = torch.einsum("icsq,ist->ictq", alpha, gram)
-        att_norm = (ga * alpha).sum(2).clamp(min=0).sqrt()  # (Ni, Nc, L)
-        qnorm = word_norm[None]  # (1, Nc, L)
-        cos = num / (qnorm * att_norm).clamp(min=cfg.eps)
-        counts = lengths.to(cos.dtype).to(cos.device)[None, :]
-        return _aggregate(cos, cfg, wmask[None], counts)
-    # i2t: context = words (S = L), query = regions (Q = R); layout (Ni, Nc, S, Q)
-    a = dots.permute(0, 2, 3, 1).contiguous()
-    x = _raw_norm(a, cfg.raw_feature_norm, None, cfg.eps)
-    logits = (x * cfg.lambda_softmax).masked_fill(~wmask[None, :, :, None], float("-inf"))
-    alpha = torch.softmax(logits, dim=2)  # over words
-    num = (alpha * a).sum(2)  # (Ni, Nc, R)
-    gram = captions @ captions.transpose(1, 2)  # (Nc, L, L)
-    ga = torch.einsum("icsq,cst->ictq", alpha, gram)
-    att_norm = (ga * alpha).sum(2).clamp(min=0).sqrt()  # (Ni, Nc, R)
-    qnorm = region_norm[:, None, :]  # (Ni, 1, R)
-    cos = num / (qnorm * att_norm).clamp(min=cfg.eps)
-    return _aggregate(cos, cfg, None, None)
+        # context = regions of each image, query = words: dots (Ni, R, Nc, L), straight from one matrix product
+        dots = (images.reshape(ni * r, d) @ captions.reshape(nc * L, d).T).view(ni, r, nc, L)
+        word_norm = torch.linalg.vector_norm(captions, dim=-1)  # (Nc, L)
+        cos = _attend(dots, images, word_norm[None], None, wmask_f[None, None], cfg)  # (Ni, Nc, L)
+        return _aggregate(cos, cfg, wmask[None], lengths.to(cos.dtype)[None, :])
+    # i2t: context = words of each caption, query = regions: dots (Nc, L, Ni, R)
+    dots = (captions.reshape(nc * L, d) @ images.reshape(ni * r, d).T).view(nc, L, ni, r)
+    region_norm = torch.linalg.vector_norm(images, dim=-1)  # (Ni, R)
+    cos = _attend(dots, captions, region_norm[None], wmask_f[:, :, None, None], None, cfg)  # (Nc, Ni, R)
+    return _aggregate(cos, cfg, None, None).T
 
 
 def tile_shape(n_images: int, n_captions: int, regions: int, words: int, itemsize: int,
@@ -137,16 +149,30 @@ def tile_shape(n_images: int, n_captions: int, regions: int, words: int, itemsiz
     return ti, tc
 
 
+def gather_words(captions: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor | None, cols: torch.Tensor,
+                 width: int) -> torch.Tensor:
+    """(len(cols), width, d) zero-padded word features of captions `cols`, from padded or packed storage."""
+    if offsets is None:
+        return captions[cols, :width]
+    pos = torch.arange(width, device=captions.device)
+    valid = pos[None, :] < lengths[cols][:, None]
+    rows = torch.where(valid, offsets[cols][:, None] + pos[None, :], 0)
+    return captions[rows] * valid[..., None].to(captions.dtype)
+
+
 def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, cfg: XAttnConfig,
-                     *, budget_mb: float = 1024.0) -> torch.Tensor:
+                     *, budget_mb: float = 1024.0, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """(Ni, Nc) cross-attention scores computed tile by tile within `budget_mb` of intermediates.
 
-    Captions are processed in order of length, so each tile is padded only to its own longest caption; the
-    result is scattered back to the input order. Tile size never changes a score (pairs are independent).
+    `captions` is (Nc, L, d) zero-padded, or (sum of lengths, d) packed with `offsets`; each tile is cast to
+    the images' dtype. Captions are processed in order of length, so each tile is padded only to its own
+    longest caption; the result is scattered back to the input order. Tile size never changes a score.
     """
     ni, r, _ = images.shape
-    nc = captions.shape[0]
-    lengths = lengths.to(torch.long)
+    nc = len(lengths)
+    lengths = lengths.to(torch.long).to(captions.device)
+    if offsets is not None:
+        offsets = offsets.to(torch.long).to(captions.device)
     order = torch.argsort(lengths.cpu(), descending=True, stable=True)
     out = images.new_empty((ni, nc))
     itemsize = images.element_size()
@@ -155,7 +181,7 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
         longest = int(lengths[order[start]])
         ti, tc = tile_shape(ni, nc - start, r, longest, itemsize, budget_mb)
         cols = order[start : start + tc].to(captions.device)
-        caps = captions[cols, :longest]
+        caps = gather_words(captions, lengths, offsets, cols, longest).to(images.dtype)
         lens = lengths[cols]
         for i0 in range(0, ni, ti):
             out[i0 : i0 + ti, cols] = xattn_scores(images[i0 : i0 + ti], caps, lens, cfg)
