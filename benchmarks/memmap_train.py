@@ -17,23 +17,16 @@ import multiprocessing
 import resource
 import shutil
 import sys
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from common import PeakRss, rss_mb
+
 N_TRAIN, REGIONS, DIM = 29_000, 36, 2048
 WORDS = "a an the red blue green small large cube ball cone left right of on near two three man dog".split()
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def write_dataset(root: Path, n_train: int) -> float:
@@ -79,27 +72,16 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_preset("vsepp_f30k_precomp", [f"data.path={json.dumps(str(root))}",
                                              f"train.max_steps={args.steps}", "train.epochs=1"])
-    peak = {"rss": _rss_mb()}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak["rss"] = max(peak["rss"], _rss_mb())
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    rss_before = _rss_mb()
-    started = time.perf_counter()
-    summary = fit(cfg, out)
-    seconds = time.perf_counter() - started
-    stop.set()
-    sampler.join()
+    rss_before = rss_mb()
+    with PeakRss() as peak:
+        started = time.perf_counter()
+        summary = fit(cfg, out)
+        seconds = time.perf_counter() - started
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "file_gb": round(size_gb, 2), "steps": summary["steps"], "batch_size": cfg.data.batch_size,
         "seconds_per_step": round(seconds / max(summary["steps"], 1), 3),
-        "rss_before_training_mb": round(rss_before), "peak_rss_sampled_mb": round(peak["rss"]),
+        "rss_before_training_mb": round(rss_before), "peak_rss_sampled_mb": round(peak.peak),
         "ru_maxrss_mb": round(maxrss_mb), "target_mb": 3072, "ok": maxrss_mb <= 3072,
     }
     print(json.dumps(result, indent=2))

@@ -18,12 +18,12 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
 
+from common import PeakRss, rss_mb
 from itmatch.models.base import Encoded
 from itmatch.modules.cross_attention import XAttnConfig, xattn_similarity
 
@@ -32,34 +32,6 @@ SETTINGS = {  # the F30K README presets with LSE aggregation
     "t2i": XAttnConfig(direction="t2i", agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0),
     "i2t": XAttnConfig(direction="i2t", agg_func="LogSumExp", lambda_softmax=4.0, lambda_lse=5.0),
 }
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class PeakRss:
-    """Largest RSS seen while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self) -> PeakRss:
-        self.peak, self._stop = rss_mb(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(0.02)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
 
 
 def make_data(n_images: int, n_captions: int, seed: int = 0) -> tuple[torch.Tensor, Encoded]:

@@ -20,6 +20,7 @@ ROWS = [
     # (row label, preset, extra overrides)
     ("VSE++", "vsepp_synth", []),
     ("VSE++, shuffled captions (control)", "vsepp_synth", ["data.shuffle_captions=true"]),
+    ("SCAN t2i AVG", "scan_synth_t2i_avg", []),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 

@@ -163,6 +163,10 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.tf32:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True
     from itmatch.evaluation import format_table
     from itmatch.report import plot_recall_curves, write_json
 
@@ -252,6 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--vocab", help="vocabulary JSON of an original checkpoint (default: found next to --data)")
     e.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default="float64",
                    help="scoring dtype; float64 is what the originals compute (numpy), float32 is faster")
+    e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
     e.add_argument("--memory-budget", type=float, metavar="MB",
                    help="memory for cross-attention intermediates per tile (changes speed, never scores)")
     e.set_defaults(run=_cmd_eval)

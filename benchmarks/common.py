@@ -1,0 +1,35 @@
+"""Measurement helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, in MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class PeakRss:
+    """Largest RSS seen while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak, self._stop = rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
