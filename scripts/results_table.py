@@ -20,6 +20,8 @@ ROWS = [
     # (row label, preset, extra overrides)
     ("VSE++", "vsepp_synth", []),
     ("VSE++, shuffled captions (control)", "vsepp_synth", ["data.shuffle_captions=true"]),
+    ("VSE-infinity, BiGRU", "vse_infinity_synth_bigru", []),
+    ("VSE-infinity, MiniLM", "vse_infinity_synth_minilm", []),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 

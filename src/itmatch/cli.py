@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -130,19 +131,28 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 
 
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
-              batch_size: int = 128, device: str = "cpu") -> dict:
+              batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
+              cxc: str = "") -> dict:
     from itmatch.checkpoints.loader import load_model
     from itmatch.data.precomp import PrecompSplit, resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
     from itmatch.inference import compute_sims
 
-    sims_sum, names, root = None, [], None
+    if cxc and len(ckpts) != 1:
+        raise ItmatchError("--cxc evaluates one model (its image-image and text-text rankings need embeddings)")
+    sims_sum, names, root, cxc_results = None, [], None, None
     for path in ckpts:
-        loaded = load_model(path, device=device)
+        loaded = load_model(path, device=device, vocab=vocab, bert_path=bert_path)
+        if not (data or loaded.config.data.path):
+            raise ItmatchError(f"{path} does not record its dataset; pass --data DIR")
         root = resolve_root(data or loaded.config.data.path, split)
         split_data = PrecompSplit(root, split)
-        sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                            progress=progress)
+        if cxc:
+            sims, cxc_results = _cxc(loaded.model, split_data, loaded.vocab, cxc, batch_size=batch_size,
+                                     device=device, progress=progress)
+        else:
+            sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
+                                progress=progress)
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -153,7 +163,22 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
     pairs = _contrast_pairs(root, split)
     if pairs and not fold5:
         results["contrast"] = contrast_accuracy(sims, pairs)
+    if cxc_results is not None:
+        results["cxc"] = cxc_results
     return results
+
+
+def _cxc(model, split, tokenizer, annots_dir: str, *, batch_size: int, device: str, progress: bool):
+    """(similarity matrix, CxC recalls) of one model on a split (COCO testall)."""
+    from itmatch.cxc import evaluate_cxc, load_cxc
+    from itmatch.inference import encode_split, similarity_matrix
+
+    annots = load_cxc(annots_dir)
+    images, texts = encode_split(model, split, tokenizer, batch_size=batch_size, device=device, progress=progress)
+    if images.emb.ndim != 2 or texts.emb.ndim != 2:
+        raise ItmatchError("--cxc needs a model with one embedding per image and caption (VSE-style)")
+    sims = similarity_matrix(model, images, texts, device=device)
+    return sims, evaluate_cxc(images.emb.double().numpy(), texts.emb.double().numpy(), annots, sims=sims)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -161,9 +186,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from itmatch.report import plot_recall_curves, write_json
 
     results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
-                        batch_size=args.batch_size, device=args.device)
+                        batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
+                        bert_path=args.bert_path or "", cxc=args.cxc or "")
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
     print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
+    if "cxc" in results:
+        print("CxC " + "  ".join(f"{d} " + "/".join(f"{v:.1f}" for v in m.values())
+                                 for d, m in results["cxc"].items()) + "  (R@1/R@5/R@10)")
     if args.out:
         write_json(results, args.out)
         print(f"results written to {args.out}")
@@ -242,6 +271,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", help="write recall@K curves as PNG")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--vocab", help="vocabulary JSON of an original BiGRU checkpoint")
+    e.add_argument("--bert-path", help="BERT directory (config + vocab.txt) of an original BERT checkpoint")
+    e.add_argument("--cxc", metavar="DIR", help="also report CxC recalls (COCO testall; DIR holds cxc_annots files)")
     e.set_defaults(run=_cmd_eval)
 
     d = sub.add_parser("data", help="create, check and convert datasets")
@@ -281,6 +313,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # BERT models are read from local directories only
     try:
         args = _parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

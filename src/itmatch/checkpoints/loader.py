@@ -1,25 +1,40 @@
-"""Turn a checkpoint file into a ready model (config + weights + vocabulary), checking keys strictly."""
+"""Turn a checkpoint file into a ready model (config + weights + tokenizer), checking keys strictly.
+
+A file is either itmatch's own (native) or a release of an original repository, recognised by the first entry of
+`OFFICIAL` whose `detect` accepts it and imported by its pure `convert(ckpt) -> (model config, state dict)`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from itmatch.checkpoints import native
+from itmatch.checkpoints import native, vse_infinity
 from itmatch.config import Config, config_from_dict
-from itmatch.data.vocab import Vocabulary
+from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
+from itmatch.data.vocab import Vocabulary, load_vocab
 from itmatch.errors import CheckpointError
 from itmatch.models.base import RetrievalModel
 from itmatch.registry import create_model
+
+# (name, detect, convert) per original repository; the classes their pickles may hold (argparse options).
+OFFICIAL: list[tuple[str, Callable[[Any], bool], Callable[[Any], tuple[Any, dict[str, torch.Tensor]]]]] = [
+    ("vse_infinity", vse_infinity.detect, vse_infinity.convert),
+]
+OFFICIAL_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 
 @dataclass
 class LoadedModel:
     model: RetrievalModel
     config: Config
-    vocab: Vocabulary
+    vocab: CaptionTokenizer
     path: str
 
 
@@ -49,16 +64,50 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load an itmatch checkpoint (model_best.pt / checkpoint.pt) in eval mode."""
-    ckpt = native.load(path)
-    try:
-        cfg = config_from_dict(ckpt["config"], f"{path} config")
-        words = list(ckpt["vocab"])
-        state = ckpt["model"]
-    except KeyError as err:
-        raise CheckpointError(f"{path}: checkpoint lacks {err}; it was not written by `itmatch train`") from None
+def _with_bert_path(model_cfg: Any, bert_path: str) -> Any:
+    if bert_path and "bert_path" in {f.name for f in dataclasses.fields(model_cfg)}:
+        return dataclasses.replace(model_cfg, bert_path=bert_path)
+    return model_cfg
+
+
+def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", vocab: str = "",
+               bert_path: str = "") -> LoadedModel:
+    """Load an itmatch checkpoint (model_best.pt / checkpoint.pt) or an original release, in eval mode.
+
+    `vocab` (a vocabulary JSON) is needed by released word-vocabulary models, `bert_path` by released BERT models
+    (config + tokenizer; the weights come from the checkpoint); `bert_path` also relocates a native BERT model.
+    """
+    ckpt = native.read(path, allow=OFFICIAL_GLOBALS)
+    if native.is_native(ckpt):
+        try:
+            cfg = config_from_dict(ckpt["config"], f"{path} config")
+            words = list(ckpt["vocab"])
+            state = ckpt["model"]
+        except KeyError as err:
+            raise CheckpointError(f"{path}: checkpoint lacks {err}; it was not written by `itmatch train`") from None
+        cfg = dataclasses.replace(cfg, model=_with_bert_path(cfg.model, bert_path))
+        tokenizer = text_tokenizer(cfg.model, vocab_from_words(words) if words else None)
+    else:
+        name, convert = next(((n, c) for n, d, c in OFFICIAL if d(ckpt)), (None, None))
+        if convert is None:
+            raise CheckpointError(
+                f"{path}: neither an itmatch checkpoint nor a release of a supported original repository "
+                f"({', '.join(n for n, _, _ in OFFICIAL)})"
+            )
+        model_cfg, state = convert(ckpt)
+        model_cfg = _with_bert_path(model_cfg, bert_path)
+        if not uses_vocab(model_cfg) and not getattr(model_cfg, "bert_path", ""):
+            raise CheckpointError(f"{path}: a {name} BERT model needs --bert-path DIR (BERT config and vocab.txt)")
+        if uses_vocab(model_cfg) and not vocab:
+            raise CheckpointError(f"{path}: a {name} word-vocabulary model needs --vocab VOCAB.json (its vocabulary)")
+        tokenizer = text_tokenizer(model_cfg, load_vocab(vocab) if vocab else None)
+        if uses_vocab(model_cfg) and len(tokenizer) != model_cfg.vocab_size:
+            raise CheckpointError(
+                f"{path}: vocabulary {vocab} gives {len(tokenizer)} ids but the checkpoint embeds "
+                f"{model_cfg.vocab_size} words; pass the vocabulary the model was trained with"
+            )
+        cfg = Config(model=model_cfg)
     model = create_model(cfg.model, device=device)
     load_state_strict(model, state, str(path))
     model.eval()
-    return LoadedModel(model, cfg, vocab_from_words(words), str(path))
+    return LoadedModel(model, cfg, tokenizer, str(path))

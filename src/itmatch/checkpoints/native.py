@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +29,45 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
-def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a native checkpoint safely; any problem is one CheckpointError line."""
+def read(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", allow: Sequence[type] = ()) -> Any:
+    """`torch.load(weights_only=True)` plus the classes in `allow`; any problem is one CheckpointError line.
+
+    A file that pickles anything else (e.g. a `__reduce__` calling os.system) is refused before it runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refusing to load: the file pickles {unsafe.group(1)}, which could run code; only "
+                f"tensors, plain containers{''.join(f', {c.__module__}.{c.__qualname__}' for c in allow)} are allowed"
+            ) from None
         raise CheckpointError(
-            f"{path}: not a readable itmatch checkpoint (corrupt, truncated or unsafe: {first[:160]})"
+            f"{path}: not a readable itmatch checkpoint (corrupt, truncated or unsafe: {_first(err)})"
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable itmatch checkpoint (corrupt, truncated or unsafe: {_first(err)})"
+        ) from None
+
+
+def _first(err: Exception) -> str:
+    return (str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)[:160]
+
+
+def is_native(ckpt: Any) -> bool:
+    return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
+
+
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a native checkpoint safely; any problem is one CheckpointError line."""
+    ckpt = read(path, map_location=map_location)
+    if not is_native(ckpt):
         raise CheckpointError(
             f"{path}: not an itmatch checkpoint (no format tag {FORMAT!r}); "
             "released checkpoints of the original repositories are imported by `itmatch eval` per method"
