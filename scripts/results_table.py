@@ -21,6 +21,8 @@ ROWS = [
     ("VSE++", "vsepp_synth", []),
     ("VSE++, shuffled captions (control)", "vsepp_synth", ["data.shuffle_captions=true"]),
     ("SCAN t2i AVG", "scan_synth_t2i_avg", []),
+    ("VSE-infinity, BiGRU", "vse_infinity_synth_bigru", []),
+    ("VSE-infinity, MiniLM", "vse_infinity_synth_minilm", []),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # BERT tests read local directories only
+# One intra-op thread per pytest worker: `-n 2` on 2 cores with 2 OpenMP threads each oversubscribes the CPU, and
+# spinning OpenMP threads then make small ops 10-100x slower (measured: a tiny GRU backward 17 ms -> 3 s).
+torch.set_num_threads(1)
 
 WORDS = ["red", "blue", "green", "cube", "ball", "cone", "left", "of", "a", "the", "small", "big"]
 
@@ -45,3 +52,26 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate(root, variant="f30k", seed=0, dim=32, sizes={"train": 300, "dev": 60, "test": 100})
     assert main(["-q", "data", "vocab", str(root)]) == 0
     return root
+
+
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ",", "##s", "##er", "cub", "man"]
+
+
+def write_tiny_bert(root: Path, *, hidden: int = 24, seed: int = 0) -> Path:
+    """A random 2-layer BERT saved with save_pretrained, with a tiny wordpiece vocab.txt (no download)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    root.mkdir(parents=True, exist_ok=True)
+    words = BERT_WORDS + [f"w{i}" for i in range(40 - len(BERT_WORDS))]  # at least 40 ids for random test captions
+    (root / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    config = BertConfig(vocab_size=len(words), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny_bert")

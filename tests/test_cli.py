@@ -85,7 +85,7 @@ def test_corrupt_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "model_best.pt"
     bad.write_bytes(b"definitely not a checkpoint")
     code, _, err = run_cli(capsys, "eval", str(bad))
-    assert_one_line_error(code, err, "not a readable checkpoint")
+    assert_one_line_error(code, err, "not a readable itmatch checkpoint")
 
 
 def test_no_traceback_from_the_installed_command(tmp_path: Path) -> None:

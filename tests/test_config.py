@@ -6,14 +6,14 @@ from itmatch.registry import create_model, list_models
 
 
 @pytest.mark.parametrize("name", list_presets())
-def test_every_preset_parses_and_builds(name: str) -> None:
+def test_every_preset_parses_and_builds(name: str, tiny_bert) -> None:
     import dataclasses
 
     cfg = load_preset(name)
     assert cfg.model.name in list_models()
     model_cfg = cfg.model
     fields = {f.name for f in dataclasses.fields(model_cfg)}
-    updates = {k: v for k, v in (("vocab_size", 20), ("image_dim", 16)) if k in fields}
+    updates = {k: v for k, v in (("vocab_size", 20), ("image_dim", 16), ("bert_path", str(tiny_bert))) if k in fields}
     model = create_model(dataclasses.replace(model_cfg, **updates))
     assert sum(p.numel() for p in model.parameters()) > 0
     assert config_from_dict(config_to_dict(cfg)) == cfg  # round trip through a checkpoint's dict

@@ -52,7 +52,7 @@ def test_original_checkpoint_reproduces_similarities(tiny_data: Path, tmp_path: 
                        word_dim=12, lambda_softmax=4.0, lambda_lse=5.0, vocab_size=len(vocab))
     path = tmp_path / "model_best.pth.tar"
     write_original(source, path, opt)
-    loaded = load_model(path, vocab_path=str(tiny_data / "vocab.json"))
+    loaded = load_model(path, vocab=str(tiny_data / "vocab.json"))
     assert loaded.config.model == cfg
     want = compute_sims(source, split, vocab)
     got = compute_sims(loaded.model, split, loaded.vocab)
@@ -68,14 +68,14 @@ def test_missing_key_and_wrong_vocab_are_one_line(tiny_data: Path, tmp_path: Pat
     del ckpt["model"][1]["rnn.bias_hh_l0_reverse"]
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match=r"missing keys \['txt_enc.rnn.bias_hh_l0_reverse'\]") as info:
-        load_model(path, vocab_path=str(tiny_data / "vocab.json"))
+        load_model(path, vocab=str(tiny_data / "vocab.json"))
     assert "\n" not in str(info.value)
     write_original(source, path, original_opt())
     small = tmp_path / "small_vocab.json"
     words = {w: i for i, w in enumerate(["<pad>", "<start>", "<end>", "<unk>", "red"])}
     small.write_text(json.dumps({"word2idx": words, "idx2word": {str(i): w for w, i in words.items()}, "idx": 5}))
-    with pytest.raises(CheckpointError, match="use the vocabulary released with the checkpoint"):
-        load_model(path, vocab_path=str(small))
+    with pytest.raises(CheckpointError, match="pass the vocabulary the model was trained with"):
+        load_model(path, vocab=str(small))
 
 
 class _Payload:
@@ -91,8 +91,8 @@ def test_malicious_pickle_is_refused_and_not_run(tiny_data: Path, tmp_path: Path
     source = create_model(ScanConfig(image_dim=8, embed_dim=16, word_dim=12, vocab_size=len(vocab)))
     path = tmp_path / "evil.pth.tar"
     write_original(source, path, original_opt(logger_name=payload))
-    with pytest.raises(CheckpointError, match="refused to unpickle"):
-        load_model(path, vocab_path=str(tiny_data / "vocab.json"))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_model(path, vocab=str(tiny_data / "vocab.json"))
     assert not marker.exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -130,8 +131,8 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 
 
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
-              batch_size: int = 128, device: str = "cpu", vocab: str | None = None, dtype: str = "float64",
-              budget_mb: float | None = None) -> dict:
+              batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
+              cxc: str = "", dtype: str = "float64", budget_mb: float | None = None) -> dict:
     import torch
 
     from itmatch.checkpoints.loader import load_model
@@ -139,16 +140,24 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
     from itmatch.inference import compute_sims
 
-    sims_sum, names, root = None, [], None
+    if cxc and len(ckpts) != 1:
+        raise ItmatchError("--cxc evaluates one model (its image-image and text-text rankings need embeddings)")
+    sims_sum, names, root, cxc_results = None, [], None, None
     for path in ckpts:
-        loaded = load_model(path, device=device, vocab_path=vocab,
+        loaded = load_model(path, device=device, vocab=vocab, bert_path=bert_path,
                             data_root=resolve_root(data, split) if data else None)
+        if not (data or loaded.config.data.path):
+            raise ItmatchError(f"{path} does not record its dataset; pass --data DIR")
         root = resolve_root(data or loaded.config.data.path, split)
         split_data = PrecompSplit(root, split)
         if budget_mb is not None and hasattr(loaded.model, "budget_mb"):
             loaded.model.budget_mb = budget_mb
-        sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                            progress=progress, dtype=getattr(torch, dtype))
+        if cxc:
+            sims, cxc_results = _cxc(loaded.model, split_data, loaded.vocab, cxc, batch_size=batch_size,
+                                     device=device, progress=progress)
+        else:
+            sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
+                                progress=progress, dtype=getattr(torch, dtype))
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -159,7 +168,22 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
     pairs = _contrast_pairs(root, split)
     if pairs and not fold5:
         results["contrast"] = contrast_accuracy(sims, pairs)
+    if cxc_results is not None:
+        results["cxc"] = cxc_results
     return results
+
+
+def _cxc(model, split, tokenizer, annots_dir: str, *, batch_size: int, device: str, progress: bool):
+    """(similarity matrix, CxC recalls) of one model on a split (COCO testall)."""
+    from itmatch.cxc import evaluate_cxc, load_cxc
+    from itmatch.inference import encode_split, similarity_matrix
+
+    annots = load_cxc(annots_dir)
+    images, texts = encode_split(model, split, tokenizer, batch_size=batch_size, device=device, progress=progress)
+    if images.emb.ndim != 2 or texts.emb.ndim != 2:
+        raise ItmatchError("--cxc needs a model with one embedding per image and caption (VSE-style)")
+    sims = similarity_matrix(model, images, texts, device=device)
+    return sims, evaluate_cxc(images.emb.double().numpy(), texts.emb.double().numpy(), annots, sims=sims)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -171,10 +195,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from itmatch.report import plot_recall_curves, write_json
 
     results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
-                        batch_size=args.batch_size, device=args.device, vocab=args.vocab, dtype=args.dtype,
+                        batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
+                        bert_path=args.bert_path or "", cxc=args.cxc or "", dtype=args.dtype,
                         budget_mb=args.memory_budget)
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
     print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
+    if "cxc" in results:
+        print("CxC " + "  ".join(f"{d} " + "/".join(f"{v:.1f}" for v in m.values())
+                                 for d, m in results["cxc"].items()) + "  (R@1/R@5/R@10)")
     if args.out:
         write_json(results, args.out)
         print(f"results written to {args.out}")
@@ -254,6 +282,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", default="cpu")
     e.add_argument("--vocab", help="vocabulary JSON of an original checkpoint (default: found next to --data)")
+    e.add_argument("--bert-path", help="BERT directory (config + vocab.txt) of an original BERT checkpoint")
+    e.add_argument("--cxc", metavar="DIR", help="also report CxC recalls (COCO testall; DIR holds cxc_annots files)")
     e.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default="float64",
                    help="scoring dtype; float64 is what the originals compute (numpy), float32 is faster")
     e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
@@ -298,6 +328,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # BERT models are read from local directories only
     try:
         args = _parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -29,6 +29,7 @@ class DataConfig:
     batch_size: int = 128
     workers: int = 0  # the originals never pass num_workers to the precomp loader
     shuffle_captions: bool = False  # control experiment: pair training captions with random images
+    train_images: int = 0  # train on the first N images of the training split only (0 = all); quick CPU runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,8 @@ class TrainConfig:
     save_every: int = 0  # resumable checkpoint every N steps; 0 = epoch ends only
     log_every: int = 10
     max_steps: int = 0  # stop after this many steps in total (0 = no limit); for smoke runs
+    region_drop: float = 0.0  # training: drop each region with this probability (VSE-infinity: 0.2)
+    word_noise: float = 0.0  # training: select words with this probability to mask/replace/delete (VSE-inf.: 0.2)
     device: str = "cpu"
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from itmatch.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit, pad_captions
-from itmatch.data.vocab import Vocabulary
+from itmatch.data.tokenizers import CaptionTokenizer
 from itmatch.models.base import Encoded, RetrievalModel
 
 
@@ -70,15 +70,25 @@ def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *,
     return out
 
 
-def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: Vocabulary, *, batch_size: int = 128,
-                 device: torch.device | str = "cpu", progress: bool = False,
-                 dtype: torch.dtype = torch.float64) -> np.ndarray:
-    """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix."""
+def encode_split(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
+                 device: torch.device | str = "cpu", progress: bool = False) -> tuple[Encoded, Encoded]:
+    """Encode every distinct image and every caption of a split in eval mode (CxC needs the embeddings)."""
     was_training = model.training
     model.eval()
     images = encode_images(model, split, batch_size=batch_size, device=device, progress=progress)
     tokens = [vocab.encode(c) for c in split.captions]
     texts = encode_captions(model, tokens, batch_size=batch_size, device=device, progress=progress)
+    model.train(was_training)
+    return images, texts
+
+
+def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix."""
+    was_training = model.training
+    model.eval()
+    images, texts = encode_split(model, split, vocab, batch_size=batch_size, device=device, progress=progress)
     sims = similarity_matrix(model, images, texts, device=device, dtype=dtype)
     model.train(was_training)
     return sims

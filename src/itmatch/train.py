@@ -9,6 +9,7 @@ and optimizer state of an uninterrupted run, bit for bit on CPU.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -23,8 +24,10 @@ from tqdm.auto import tqdm
 
 from itmatch.checkpoints import native
 from itmatch.config import Config, config_from_dict, config_to_dict
+from itmatch.data.augment import AugmentedCaptions
 from itmatch.data.precomp import Batch, CaptionDataset, PrecompSplit, find_vocab, resolve_root
-from itmatch.data.vocab import Vocabulary, load_vocab
+from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab, vocab_words
+from itmatch.data.vocab import load_vocab
 from itmatch.errors import ConfigError, TrainingError
 from itmatch.evaluation import evaluate_sims
 from itmatch.inference import compute_sims
@@ -47,17 +50,18 @@ class RunState:
     train_seconds: float = 0.0  # wall time spent training, summed over resumed sessions
 
 
-def resolve_config(cfg: Config) -> tuple[Config, PrecompSplit, Vocabulary]:
-    """Open the training split and vocabulary and fill in the data-dependent model fields."""
+def resolve_config(cfg: Config) -> tuple[Config, PrecompSplit, CaptionTokenizer]:
+    """Open the training split and the model's tokenizer and fill in the data-dependent model fields."""
     if not cfg.data.path:
         raise ConfigError("no dataset: pass --data DIR or --set data.path=DIR")
     root = resolve_root(cfg.data.path, cfg.data.train_split)
-    split = PrecompSplit(root, cfg.data.train_split)
-    vocab = load_vocab(find_vocab(root, cfg.data.vocab))
+    split = PrecompSplit(root, cfg.data.train_split, max_images=cfg.data.train_images)
+    vocab = load_vocab(find_vocab(root, cfg.data.vocab)) if uses_vocab(cfg.model) else None
+    tokenizer = text_tokenizer(cfg.model, vocab)
     updates: dict[str, Any] = {}
     fields = {f.name for f in dataclasses.fields(cfg.model)}
     if "vocab_size" in fields:
-        updates["vocab_size"] = len(vocab)
+        updates["vocab_size"] = len(tokenizer)
     if "image_dim" in fields:
         if cfg.model.image_dim not in (0, split.feature_dim):
             raise ConfigError(
@@ -66,7 +70,7 @@ def resolve_config(cfg: Config) -> tuple[Config, PrecompSplit, Vocabulary]:
         updates["image_dim"] = split.feature_dim
     model_cfg = dataclasses.replace(cfg.model, **updates)
     data_cfg = dataclasses.replace(cfg.data, path=str(root))
-    return dataclasses.replace(cfg, model=model_cfg, data=data_cfg), split, vocab
+    return dataclasses.replace(cfg, model=model_cfg, data=data_cfg), split, tokenizer
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> RetrievalModel:
@@ -83,19 +87,26 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Item i = the i-th batch, read with one fancy-indexed copy (works with DataLoader workers)."""
+    """Item i = the i-th batch, read with one fancy-indexed copy (works with DataLoader workers).
 
-    def __init__(self, dataset: CaptionDataset, batches: list[list[int]]) -> None:
-        self.dataset, self.batches = dataset, batches
+    With augmentation, batch i draws from a generator seeded by `key + (i,)` ((seed, epoch, step in epoch)), so a
+    resumed run draws exactly what the uninterrupted run drew.
+    """
+
+    def __init__(self, dataset: CaptionDataset, batches: list[list[int]], augment: AugmentedCaptions | None = None,
+                 key: tuple[int, ...] = ()) -> None:
+        self.dataset, self.batches, self.augment, self.key = dataset, batches, augment, key
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> Batch:
-        return self.dataset.batch(self.batches[i])
+        if self.augment is None:
+            return self.dataset.batch(self.batches[i])
+        return self.augment.batch(self.batches[i], np.random.default_rng([*self.key[:-1], self.key[-1] + i]))
 
 
-def evaluate_model(model: RetrievalModel, split: PrecompSplit, vocab: Vocabulary, *, batch_size: int = 128,
+def evaluate_model(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
                    device: torch.device | str = "cpu", fold5: bool = False) -> dict:
     """Encode a split and run the retrieval protocol on it."""
     return evaluate_sims(compute_sims(model, split, vocab, batch_size=batch_size, device=device), fold5=fold5)
@@ -109,11 +120,11 @@ def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int,
 
 
 def _checkpoint(model: RetrievalModel, optimizer: torch.optim.Optimizer | None, cfg: Config,
-                vocab: Vocabulary, state: RunState, history: list[dict]) -> dict[str, Any]:
+                vocab: CaptionTokenizer, state: RunState, history: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": config_to_dict(cfg),
         "model": model.state_dict(),
-        "vocab": [vocab.idx2word[i] for i in range(len(vocab))],
+        "vocab": vocab_words(vocab),
         "state": dataclasses.asdict(state),
         "history": history,
         "rng_torch": torch.get_rng_state(),
@@ -137,6 +148,8 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     device = torch.device(tc.device)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, device)
+    if tc.region_drop and "lengths" not in inspect.signature(model.encode_image).parameters:
+        raise ConfigError(f"train.region_drop needs a model that takes image lengths; {cfg.model.name} does not")
     optimizer = model.make_optimizer(tc.lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state, history = RunState(), []
@@ -156,6 +169,9 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     if dc.shuffle_captions:
         perm = np.random.default_rng(tc.seed).permutation(train_split.n_captions)
     dataset = CaptionDataset(train_split, vocab, caption_perm=perm)
+    augment = None
+    if tc.region_drop or tc.word_noise:
+        augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
     val_split = PrecompSplit(Path(dc.path), dc.val_split)
 
     from torch.utils.tensorboard import SummaryWriter
@@ -177,7 +193,8 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
             model.on_epoch_start(state.epoch)
             batches = epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch)
             loader = torch.utils.data.DataLoader(
-                _Batches(dataset, batches[state.step_in_epoch :]), batch_size=None, shuffle=False,
+                _Batches(dataset, batches[state.step_in_epoch :], augment, (tc.seed, state.epoch, state.step_in_epoch)),
+                batch_size=None, shuffle=False,
                 num_workers=dc.workers,
             )
             model.train()
@@ -185,7 +202,8 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
                        disable=not progress, leave=False)
             for batch in bar:
                 batch = batch.to(device)
-                terms = model.training_loss(batch.images, batch.captions, batch.lengths, epoch=state.epoch)
+                extra = {} if batch.image_lengths is None else {"image_lengths": batch.image_lengths}
+                terms = model.training_loss(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     raise TrainingError(

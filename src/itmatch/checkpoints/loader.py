@@ -1,27 +1,43 @@
-"""Turn a checkpoint file into a ready model (config + weights + vocabulary), checking keys strictly."""
+"""Turn a checkpoint file into a ready model (config + weights + tokenizer), checking keys strictly.
+
+A file is either itmatch's own (native) or a release of an original repository, recognised by the first entry of
+`OFFICIAL` whose `detect` accepts it and imported by its pure `convert(ckpt) -> (model config, state dict)`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from itmatch.checkpoints import native
-from itmatch.checkpoints.official import detect_method, is_official, read_official
+from itmatch.checkpoints import native, scan, vse_infinity
 from itmatch.config import Config, config_from_dict
+from itmatch.data.precomp import find_vocab
+from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
 from itmatch.data.vocab import Vocabulary, load_vocab
 from itmatch.errors import CheckpointError
 from itmatch.models.base import RetrievalModel
 from itmatch.registry import create_model
+
+# (name, detect, convert) per original repository; the classes their pickles may hold (argparse options).
+OFFICIAL: list[tuple[str, Callable[[Any], bool], Callable[[Any], tuple[Any, dict[str, torch.Tensor]]]]] = [
+    ("vse_infinity", vse_infinity.detect, vse_infinity.convert),
+    ("scan", scan.detect, scan.convert),
+]
+OFFICIAL_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 
 @dataclass
 class LoadedModel:
     model: RetrievalModel
     config: Config
-    vocab: Vocabulary
+    vocab: CaptionTokenizer
     path: str
 
 
@@ -51,53 +67,53 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=True)
 
 
-def _load_official(ckpt: dict, path: str, vocab_path: str | None, data_root: Path | None,
-                   device: torch.device | str) -> LoadedModel:
-    from itmatch.checkpoints import scan
-    from itmatch.config import DataConfig, TrainConfig
-    from itmatch.data.precomp import find_vocab
-
-    converters = {"scan": scan.convert}
-    method = detect_method(ckpt["opt"])
-    cfg_model, state = converters[method](ckpt, path)
-    if vocab_path is None and data_root is None:
-        raise CheckpointError(f"{path}: an original checkpoint holds no vocabulary; pass --vocab VOCAB.json")
-    vocab_file = find_vocab(data_root, vocab_path or "") if data_root is not None else Path(vocab_path or "")
-    vocab = load_vocab(vocab_file)
-    if len(vocab) != cfg_model.vocab_size:
-        raise CheckpointError(
-            f"{path}: the checkpoint's embedding has {cfg_model.vocab_size} words but {vocab_file} has "
-            f"{len(vocab)}; use the vocabulary released with the checkpoint"
-        )
-    model = create_model(cfg_model, device=device)
-    load_state_strict(model, state, path)
-    model.eval()
-    opt = ckpt["opt"]
-    train = TrainConfig(margin=float(getattr(opt, "margin", 0.2)),
-                        max_violation=bool(getattr(opt, "max_violation", False)))
-    cfg = Config(model=cfg_model, data=DataConfig(path=str(data_root or "")), train=train)
-    return LoadedModel(model, cfg, vocab, path)
+def _with_bert_path(model_cfg: Any, bert_path: str) -> Any:
+    if bert_path and "bert_path" in {f.name for f in dataclasses.fields(model_cfg)}:
+        return dataclasses.replace(model_cfg, bert_path=bert_path)
+    return model_cfg
 
 
-def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", vocab_path: str | None = None,
-               data_root: Path | None = None) -> LoadedModel:
-    """Load an itmatch checkpoint, or an original repository's released file, in eval mode.
+def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", vocab: str = "",
+               bert_path: str = "", data_root: Path | None = None) -> LoadedModel:
+    """Load an itmatch checkpoint (model_best.pt / checkpoint.pt) or an original release, in eval mode.
 
-    Original files carry no vocabulary: it comes from `vocab_path` or is looked up next to `data_root`.
+    `vocab` (a vocabulary JSON) is needed by released word-vocabulary models (default: the one found next to
+    `data_root`, as `itmatch train` finds it), `bert_path` by released BERT models (config + tokenizer; the
+    weights come from the checkpoint); `bert_path` also relocates a native BERT model.
     """
-    path = str(path)
-    ckpt = read_official(path)
-    if ckpt.get("format") != native.FORMAT:
-        if is_official(ckpt):
-            return _load_official(ckpt, path, vocab_path, data_root, device)
-        raise CheckpointError(f"{path}: not a readable itmatch checkpoint, nor a recognised original checkpoint")
-    try:
-        cfg = config_from_dict(ckpt["config"], f"{path} config")
-        words = list(ckpt["vocab"])
-        state = ckpt["model"]
-    except KeyError as err:
-        raise CheckpointError(f"{path}: checkpoint lacks {err}; it was not written by `itmatch train`") from None
+    ckpt = native.read(path, allow=OFFICIAL_GLOBALS)
+    if native.is_native(ckpt):
+        try:
+            cfg = config_from_dict(ckpt["config"], f"{path} config")
+            words = list(ckpt["vocab"])
+            state = ckpt["model"]
+        except KeyError as err:
+            raise CheckpointError(f"{path}: checkpoint lacks {err}; it was not written by `itmatch train`") from None
+        cfg = dataclasses.replace(cfg, model=_with_bert_path(cfg.model, bert_path))
+        tokenizer = text_tokenizer(cfg.model, vocab_from_words(words) if words else None)
+    else:
+        name, convert = next(((n, c) for n, d, c in OFFICIAL if d(ckpt)), (None, None))
+        if convert is None:
+            raise CheckpointError(
+                f"{path}: neither an itmatch checkpoint nor a release of a supported original repository "
+                f"({', '.join(n for n, _, _ in OFFICIAL)})"
+            )
+        model_cfg, state = convert(ckpt)
+        model_cfg = _with_bert_path(model_cfg, bert_path)
+        if uses_vocab(model_cfg) and not vocab and data_root is not None:
+            vocab = str(find_vocab(data_root))
+        if not uses_vocab(model_cfg) and not getattr(model_cfg, "bert_path", ""):
+            raise CheckpointError(f"{path}: a {name} BERT model needs --bert-path DIR (BERT config and vocab.txt)")
+        if uses_vocab(model_cfg) and not vocab:
+            raise CheckpointError(f"{path}: a {name} word-vocabulary model needs --vocab VOCAB.json (its vocabulary)")
+        tokenizer = text_tokenizer(model_cfg, load_vocab(vocab) if vocab else None)
+        if uses_vocab(model_cfg) and len(tokenizer) != model_cfg.vocab_size:
+            raise CheckpointError(
+                f"{path}: vocabulary {vocab} gives {len(tokenizer)} ids but the checkpoint embeds "
+                f"{model_cfg.vocab_size} words; pass the vocabulary the model was trained with"
+            )
+        cfg = Config(model=model_cfg)
     model = create_model(cfg.model, device=device)
-    load_state_strict(model, state, path)
+    load_state_strict(model, state, str(path))
     model.eval()
-    return LoadedModel(model, cfg, vocab_from_words(words), path)
+    return LoadedModel(model, cfg, tokenizer, str(path))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from itmatch.checkpoints.official import load_failure_reason
 from itmatch.errors import CheckpointError
 from itmatch.fileio import atomic_write
 
@@ -28,19 +29,51 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
-def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a native checkpoint safely; any problem is one CheckpointError line."""
+def read(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", allow: Sequence[type] = ()) -> Any:
+    """`torch.load(weights_only=True)` plus the classes in `allow`; any problem is one CheckpointError line.
+
+    A file that pickles anything else (e.g. a `__reduce__` calling os.system) is refused before it runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as err:
-        reason = load_failure_reason(err)[:160]
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        reason = load_failure_reason(err)
+        unsafe = re.search(r"GLOBAL ([\w.]+)", reason)
+        if unsafe:
+            allowed = "".join(f", {c.__module__}.{c.__qualname__}" for c in allow)
+            raise CheckpointError(
+                f"{path}: refusing to load: the file pickles {unsafe.group(1)}, which could run code; only "
+                f"tensors, plain containers{allowed} are allowed"
+            ) from None
         raise CheckpointError(
-            f"{path}: not a readable itmatch checkpoint (corrupt, truncated or unsafe: {reason})"
+            f"{path}: not a readable itmatch checkpoint (corrupt, truncated or unsafe: {reason[:160]})"
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+
+
+def load_failure_reason(err: BaseException) -> str:
+    """The informative line of a torch.load error (its weights-only errors bury it in boilerplate)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            rest = line.removeprefix("WeightsUnpickler error:").strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+        if "GLOBAL" in line or "Unsupported global" in line:
+            return line
+    return lines[0] if lines else type(err).__name__
+
+
+def is_native(ckpt: Any) -> bool:
+    return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
+
+
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a native checkpoint safely; any problem is one CheckpointError line."""
+    ckpt = read(path, map_location=map_location)
+    if not is_native(ckpt):
         raise CheckpointError(
             f"{path}: not an itmatch checkpoint (no format tag {FORMAT!r}); "
             "released checkpoints of the original repositories are imported by `itmatch eval` per method"

@@ -6,9 +6,16 @@ from typing import Any
 
 import torch
 
-from itmatch.checkpoints.official import split_state
+from itmatch.checkpoints.official import is_two_encoder_release, split_state
 from itmatch.errors import CheckpointError
 from itmatch.models.scan import ScanConfig
+
+
+def detect(ckpt: Any) -> bool:
+    """A SCAN release: two encoder states, options with SCAN's cross-attention settings."""
+    if not is_two_encoder_release(ckpt):
+        return False
+    return hasattr(ckpt["opt"], "cross_attn") and hasattr(ckpt["opt"], "lambda_softmax")
 
 
 def convert(official: dict[str, Any], where: str = "checkpoint") -> tuple[ScanConfig, dict[str, torch.Tensor]]:

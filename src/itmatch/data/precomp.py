@@ -73,7 +73,7 @@ def read_captions(path: Path) -> list[str]:
 class PrecompSplit:
     """One split of a precomputed-feature dataset: mapped image features + captions (+ ids, boxes)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, *, truncate_dev: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike, split: str, *, truncate_dev: bool = True, max_images: int = 0) -> None:
         self.root = Path(root)
         self.split = split
         self.images = MappedArray(self.root / f"{split}_ims.npy")
@@ -96,6 +96,8 @@ class PrecompSplit:
                 raise DataError(f"{self.root / f'{split}_caps.txt'}:{k + 1}: empty caption; every line needs text")
         if truncate_dev and split == "dev":
             self.captions = self.captions[:DEV_CAPTIONS]
+        if max_images > 0:  # the captions of the first max_images images
+            self.captions = self.captions[: max_images * CAPTIONS_PER_IMAGE]
         self.ids = self._read_ids()
 
     def _read_ids(self) -> list[int] | None:
@@ -133,6 +135,7 @@ class Batch:
     lengths: torch.Tensor  # (B,) int64, includes <start>/<end>
     ids: torch.Tensor  # (B,) caption indices
     image_ids: torch.Tensor  # (B,) image row of each caption
+    image_lengths: torch.Tensor | None = None  # (B,) valid regions when training drops some (VSE-infinity)
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -141,6 +144,7 @@ class Batch:
             self.lengths,
             self.ids,
             self.image_ids,
+            self.image_lengths,
         )
 
     def __len__(self) -> int:
@@ -171,6 +175,10 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> tuple[np.ndarray, list[int], int, int]:
         row = self.split.image_of(int(self.caption_perm[k]) if self.caption_perm is not None else k)
         return self.split.images[row], self.tokens[k], k, row
+
+    def image_row(self, k: int) -> int:
+        """Feature row paired with caption k (through the control permutation, if any)."""
+        return self.split.image_of(int(self.caption_perm[k]) if self.caption_perm is not None else k)
 
     def collate(self, items: list[tuple[np.ndarray, list[int], int, int]]) -> Batch:
         return collate(items)

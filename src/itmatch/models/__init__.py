@@ -1,6 +1,7 @@
 """Every method registers itself here (one explicit list, in order)."""
 
-from itmatch.models import (
-    scan,  # noqa: F401
-    vsepp,  # noqa: F401
+from itmatch.models import (  # noqa: F401
+    scan,
+    vse_infinity,
+    vsepp,
 )

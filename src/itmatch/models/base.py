@@ -76,7 +76,12 @@ class RetrievalModel(nn.Module):
         self.margin, self.max_violation = margin, max_violation
 
     def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                      *, epoch: int) -> dict[str, torch.Tensor]:
-        """Loss terms for one batch (pairs on the diagonal); key "loss" is what is minimised."""
-        sims = self.similarity(self.encode_image(images), self.encode_text(captions, lengths))
+                      *, epoch: int, image_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms for one batch (pairs on the diagonal); key "loss" is what is minimised.
+
+        `image_lengths` (B,) counts the valid regions when training drops regions (`train.region_drop`); it is
+        then passed on to `encode_image(images, image_lengths)`.
+        """
+        encoded = self.encode_image(images) if image_lengths is None else self.encode_image(images, image_lengths)
+        sims = self.similarity(encoded, self.encode_text(captions, lengths))
         return {"loss": hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)}
