@@ -176,9 +176,11 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
             lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update)
             model.on_epoch_start(state.epoch)
             batches = epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch)
+            # Its own generator: starting an iterator draws a seed, which from the global RNG would shift the
+            # dropout masks of a run resumed mid-epoch (VSRN's caption branch).
             loader = torch.utils.data.DataLoader(
                 _Batches(dataset, batches[state.step_in_epoch :]), batch_size=None, shuffle=False,
-                num_workers=dc.workers,
+                num_workers=dc.workers, generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + state.epoch),
             )
             model.train()
             bar = tqdm(loader, total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
