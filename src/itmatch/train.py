@@ -120,6 +120,7 @@ def _checkpoint(model: RetrievalModel, optimizer: torch.optim.Optimizer | None, 
     }
     if optimizer is not None:
         out["optimizer"] = optimizer.state_dict()
+        out["training_state"] = model.training_state_dict()
     return out
 
 
@@ -142,6 +143,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     state, history = RunState(), []
     if saved is not None:
         model.load_state_dict(saved["model"])
+        model.load_training_state_dict(saved.get("training_state", {}))
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["state"])
         history = list(saved["history"])
@@ -213,6 +215,9 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
                 if tc.val_every and state.global_step % tc.val_every == 0:
                     res = validate()
                     writer.add_scalar("val/rsum", res["rsum"], state.global_step)
+                    if tc.val_selects and model.selection_score(res) > state.best_score:
+                        state.best_score, state.best_epoch = model.selection_score(res), state.epoch + 1
+                        native.save(_checkpoint(model, None, cfg, vocab, state, history), out / BEST)
                 if tc.save_every and state.global_step % tc.save_every == 0:
                     save_resumable()
                 if tc.max_steps and state.global_step >= tc.max_steps:
