@@ -1,3 +1,3 @@
 """Every method registers itself here (one explicit list, in order)."""
 
-from itmatch.models import vsepp  # noqa: F401
+from itmatch.models import vsepp, vsrn  # noqa: F401
