@@ -130,7 +130,7 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 
 
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
-              batch_size: int = 128, device: str = "cpu") -> dict:
+              batch_size: int = 128, device: str = "cpu", vocab: str = "") -> dict:
     from itmatch.checkpoints.loader import load_model
     from itmatch.data.precomp import PrecompSplit, resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
@@ -138,7 +138,9 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
 
     sims_sum, names, root = None, [], None
     for path in ckpts:
-        loaded = load_model(path, device=device)
+        loaded = load_model(path, device=device, vocab=vocab)
+        if not (data or loaded.config.data.path):
+            raise ItmatchError(f"{path} does not say where its data is; pass --data DIR")
         root = resolve_root(data or loaded.config.data.path, split)
         split_data = PrecompSplit(root, split)
         sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
@@ -161,7 +163,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from itmatch.report import plot_recall_curves, write_json
 
     results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
-                        batch_size=args.batch_size, device=args.device)
+                        batch_size=args.batch_size, device=args.device, vocab=args.vocab or "")
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
     print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
     if args.out:
@@ -240,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--fold5", action="store_true", help="COCO 1K protocol: mean over 5 folds of 1000 images")
     e.add_argument("--out", help="write the results as JSON")
     e.add_argument("--plot", help="write recall@K curves as PNG")
+    e.add_argument("--vocab", help="vocabulary of released (official) checkpoints, which carry none")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", default="cpu")
     e.set_defaults(run=_cmd_eval)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from itmatch.checkpoints import native
+from itmatch.checkpoints import native, official
 from itmatch.config import Config, config_from_dict
-from itmatch.data.vocab import Vocabulary
+from itmatch.data.vocab import Vocabulary, load_vocab
 from itmatch.errors import CheckpointError
 from itmatch.models.base import RetrievalModel
 from itmatch.registry import create_model
@@ -49,9 +49,15 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load an itmatch checkpoint (model_best.pt / checkpoint.pt) in eval mode."""
-    ckpt = native.load(path)
+def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", vocab: str = "") -> LoadedModel:
+    """Load an itmatch checkpoint (model_best.pt / checkpoint.pt) or a released one, in eval mode.
+
+    Released checkpoints carry no vocabulary: `vocab` names the file they were trained with (JSON or pickle).
+    Native checkpoints always use their own vocabulary.
+    """
+    ckpt = native.read(path, allowed_globals=official.ALLOWED_GLOBALS)
+    if not native.is_native(ckpt):
+        return _load_official(ckpt, path, device=device, vocab=vocab)
     try:
         cfg = config_from_dict(ckpt["config"], f"{path} config")
         words = list(ckpt["vocab"])
@@ -62,3 +68,18 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu") -
     load_state_strict(model, state, str(path))
     model.eval()
     return LoadedModel(model, cfg, vocab_from_words(words), str(path))
+
+
+def _load_official(ckpt: object, path: str | os.PathLike, *, device: torch.device | str, vocab: str) -> LoadedModel:
+    model_cfg, state = official.convert(ckpt, str(path))
+    if not vocab:
+        raise CheckpointError(f"{path}: a released checkpoint carries no vocabulary; pass the one it was trained "
+                              "with (--vocab FILE, e.g. the original's vocab/f30k_precomp_vocab.pkl)")
+    words = load_vocab(vocab)
+    if len(words) != model_cfg.vocab_size:
+        raise CheckpointError(f"{path}: its word embedding has {model_cfg.vocab_size} rows but {vocab} has "
+                              f"{len(words)} words; pass the vocabulary the model was trained with")
+    model = create_model(model_cfg, device=device)
+    load_state_strict(model, state, str(path))
+    model.eval()
+    return LoadedModel(model, Config(model=model_cfg), words, str(path))
