@@ -20,6 +20,8 @@ ROWS = [
     # (row label, preset, extra overrides)
     ("VSE++", "vsepp_synth", []),
     ("VSE++, shuffled captions (control)", "vsepp_synth", ["data.shuffle_captions=true"]),
+    ("VSRN", "vsrn_synth", []),
+    ("VSRN, no caption branch", "vsrn_synth", ["model.caption_loss_weight=0"]),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
