@@ -41,7 +41,8 @@ class TrainConfig:
     margin: float = 0.2
     max_violation: bool = True  # VSE++ hardest negative; False = VSE0 sum of violations
     seed: int = 0
-    val_every: int = 0  # extra dev evaluations every N steps (logged only); 0 = epoch ends only
+    val_every: int = 0  # extra dev evaluations every N steps (logged only unless val_selects); 0 = epoch ends only
+    val_selects: bool = False  # the val_every evaluations also select model_best (VSRN's train.py does)
     save_every: int = 0  # resumable checkpoint every N steps; 0 = epoch ends only
     log_every: int = 10
     max_steps: int = 0  # stop after this many steps in total (0 = no limit); for smoke runs

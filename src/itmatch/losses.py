@@ -21,3 +21,15 @@ def hinge_loss(sims: torch.Tensor, *, margin: float = 0.2, max_violation: bool =
     if max_violation:  # .max (one index per row), not .amax (which splits the gradient between ties)
         return cost_cap.max(dim=1).values.sum() + cost_img.max(dim=0).values.sum()
     return cost_cap.sum() + cost_img.sum()
+
+
+def caption_nll(logprobs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked negative log-likelihood of a captioner: summed over tokens, averaged over captions.
+
+    logprobs (B, T, V), targets (B, T) word ids, mask (B, T) weights (1 = token counts). VSRN's
+    `LanguageModelCriterion` (misc/utils.py): sum(-logp[target] * mask) / B.
+    """
+    if logprobs.shape[:2] != targets.shape or targets.shape != mask.shape:
+        raise ValueError(f"caption_nll: shapes {tuple(logprobs.shape)}, {tuple(targets.shape)}, {tuple(mask.shape)}")
+    nll = -logprobs.gather(2, targets.unsqueeze(2)).squeeze(2)  # (B, T)
+    return (nll * mask).sum() / logprobs.shape[0]

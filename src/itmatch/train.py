@@ -131,6 +131,7 @@ def _checkpoint(model: RetrievalModel, optimizer: torch.optim.Optimizer | None, 
     }
     if optimizer is not None:
         out["optimizer"] = optimizer.state_dict()
+        out["training_state"] = model.training_state_dict()
     return out
 
 
@@ -155,6 +156,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     state, history = RunState(), []
     if saved is not None:
         model.load_state_dict(saved["model"])
+        model.load_training_state_dict(saved.get("training_state", {}))
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["state"])
         history = list(saved["history"])
@@ -192,10 +194,12 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
             lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update)
             model.on_epoch_start(state.epoch)
             batches = epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch)
+            # Its own generator: starting an iterator draws a seed, which from the global RNG would shift the
+            # dropout masks of a run resumed mid-epoch (VSRN's caption branch).
             loader = torch.utils.data.DataLoader(
                 _Batches(dataset, batches[state.step_in_epoch :], augment, (tc.seed, state.epoch, state.step_in_epoch)),
-                batch_size=None, shuffle=False,
-                num_workers=dc.workers,
+                batch_size=None, shuffle=False, num_workers=dc.workers,
+                generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + state.epoch),
             )
             model.train()
             bar = tqdm(loader, total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
@@ -229,6 +233,9 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
                 if tc.val_every and state.global_step % tc.val_every == 0:
                     res = validate()
                     writer.add_scalar("val/rsum", res["rsum"], state.global_step)
+                    if tc.val_selects and model.selection_score(res) > state.best_score:
+                        state.best_score, state.best_epoch = model.selection_score(res), state.epoch + 1
+                        native.save(_checkpoint(model, None, cfg, vocab, state, history), out / BEST)
                 if tc.save_every and state.global_step % tc.save_every == 0:
                     save_resumable()
                 if tc.max_steps and state.global_step >= tc.max_steps:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from itmatch.checkpoints import native, scan, vse_infinity
+from itmatch.checkpoints import native, scan, vse_infinity, vsrn
 from itmatch.config import Config, config_from_dict
 from itmatch.data.precomp import find_vocab
 from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
@@ -29,6 +29,7 @@ from itmatch.registry import create_model
 OFFICIAL: list[tuple[str, Callable[[Any], bool], Callable[[Any], tuple[Any, dict[str, torch.Tensor]]]]] = [
     ("vse_infinity", vse_infinity.detect, vse_infinity.convert),
     ("scan", scan.detect, scan.convert),
+    ("vsrn", vsrn.detect, vsrn.convert),
 ]
 OFFICIAL_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 

@@ -4,4 +4,5 @@ from itmatch.models import (  # noqa: F401
     scan,
     vse_infinity,
     vsepp,
+    vsrn,
 )

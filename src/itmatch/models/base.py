@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from itmatch.errors import CheckpointError
 from itmatch.losses import hinge_loss
 
 
@@ -71,6 +72,15 @@ class RetrievalModel(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for per-epoch switches of the originals (e.g. hardest negatives after a warm-up)."""
+
+    def training_state_dict(self) -> dict:
+        """Training-only weights kept out of `state_dict()` (e.g. VSRN's caption branch); saved for exact resume."""
+        return {}
+
+    def load_training_state_dict(self, state: dict) -> None:
+        """Restore what `training_state_dict` returned."""
+        if state:
+            raise CheckpointError(f"{type(self).__name__} has no training-only state, got {sorted(state)}")
 
     def set_loss(self, *, margin: float, max_violation: bool) -> None:
         self.margin, self.max_violation = margin, max_violation
