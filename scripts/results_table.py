@@ -19,7 +19,7 @@ from pathlib import Path
 ROWS = [
     # (row label, preset, extra overrides)
     ("VSE++", "vsepp_synth", []),
-    ("VSE++, shuffled captions (control)", "vsepp_synth", ["data.shuffle_captions=true"]),
+    ("VSE++, shuffled captions (control)", "vsepp_synth", ["data.shuffle_captions=true", "train.epochs=1"]),
     ("SCAN t2i AVG", "scan_synth_t2i_avg", []),
     ("VSE-infinity, BiGRU", "vse_infinity_synth_bigru", []),
     ("VSE-infinity, MiniLM", "vse_infinity_synth_minilm", []),
@@ -61,8 +61,8 @@ def markdown(rows: list[dict]) -> str:
         i, t = r["i2t"], r["t2i"]
         c = r.get("contrast") or {}
         contrast = f"{c['t2i']:.1f} / {c['i2t']:.1f}" if c else "–"
-        preset = r["preset"] + "".join(f" `{s}`" for s in r["sets"])
-        lines.append(f"| {r['label']} | `{preset}` | {i['R@1']:.1f} | {i['R@5']:.1f} | {i['R@10']:.1f} | "
+        preset = f"`{r['preset']}`" + "".join(f" `{s}`" for s in r["sets"])
+        lines.append(f"| {r['label']} | {preset} | {i['R@1']:.1f} | {i['R@5']:.1f} | {i['R@10']:.1f} | "
                      f"{t['R@1']:.1f} | {t['R@5']:.1f} | {t['R@10']:.1f} | **{r['rsum']:.1f}** | {contrast} | "
                      f"{r['train_seconds'] / 60:.1f} min ({r['epochs']} ep) |")
     return "\n".join(lines)

@@ -75,3 +75,33 @@ def write_tiny_bert(root: Path, *, hidden: int = 24, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny_bert")
+
+
+def crash_and_resume(cfg, root: Path, crash_at: int) -> tuple[dict, dict, dict]:
+    """Train `cfg` uninterrupted into root/ref; into root/run, crash at step `crash_at`, then resume.
+
+    Checks that the resumed run ends with the same dev history and bit-identical weights; returns the
+    checkpoint left by the crash and the final checkpoints of both runs.
+    """
+    import torch
+
+    from itmatch.checkpoints import native
+    from itmatch.train import CHECKPOINT, fit
+
+    class Crash(Exception):
+        pass
+
+    def crash(state, stats) -> None:
+        if state.global_step == crash_at:
+            raise Crash
+
+    ref = fit(cfg, root / "ref")
+    with pytest.raises(Crash):
+        fit(cfg, root / "run", on_step=crash)
+    crashed = native.load(root / "run" / CHECKPOINT)
+    resumed = fit(cfg, root / "run", resume=True)
+    assert resumed["history"] == ref["history"]
+    a, b = native.load(root / "ref" / CHECKPOINT), native.load(root / "run" / CHECKPOINT)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    return crashed, a, b

@@ -22,6 +22,7 @@ from itmatch.models.vse_infinity import VseInfinityConfig
 from itmatch.modules.norm import l2norm
 from itmatch.registry import create_model
 from itmatch.train import CHECKPOINT, _set_lr, fit
+from tests.conftest import crash_and_resume
 from tests.test_models import IMAGE_DIM, tiny_batch
 
 
@@ -214,25 +215,9 @@ def small(data: Path, *extra: str):
 
 
 def test_resume_with_augmentation_is_bit_identical(tiny_data: Path, tmp_path: Path) -> None:
-    cfg = small(tiny_data, "train.save_every=3")
-    ref = fit(cfg, tmp_path / "ref")
-
-    class Crash(Exception):
-        pass
-
-    def crash(state, stats) -> None:
-        if state.global_step == 8:  # mid-epoch 2 (5 steps per epoch), after the checkpoint of step 6
-            raise Crash
-
-    with pytest.raises(Crash):
-        fit(cfg, tmp_path / "run", on_step=crash)
-    assert native.load(tmp_path / "run" / CHECKPOINT)["state"]["step_in_epoch"] == 1
-    resumed = fit(cfg, tmp_path / "run", resume=True)
-    assert resumed["history"] == ref["history"]
-    a = native.load(tmp_path / "ref" / CHECKPOINT)
-    b = native.load(tmp_path / "run" / CHECKPOINT)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    # 5 steps per epoch: step 8 is mid-epoch 2, after the checkpoint of step 6
+    crashed, a, _ = crash_and_resume(small(tiny_data, "train.save_every=3"), tmp_path, crash_at=8)
+    assert crashed["state"]["step_in_epoch"] == 1
     assert a["vocab"][-1] == "<mask>" and a["config"]["model"]["vocab_size"] == len(a["vocab"])
 
 

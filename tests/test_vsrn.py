@@ -14,6 +14,7 @@ from itmatch.models.vsrn import VsrnConfig, caption_targets
 from itmatch.modules.captioner import RegionCaptioner
 from itmatch.modules.graph import ResidualGraphConv
 from itmatch.registry import create_model
+from tests.conftest import crash_and_resume
 
 IMAGE_DIM, DIM, REGIONS = 8, 12, 6  # tiny_data has 6 regions of 8-d features
 
@@ -200,26 +201,9 @@ def test_mid_epoch_validations_select_the_best_model(tiny_data: Path, tmp_path: 
 
 
 def test_resume_with_the_caption_branch_is_bit_identical(tiny_data: Path, tmp_path: Path) -> None:
-    from itmatch.checkpoints import native
-    from itmatch.train import CHECKPOINT, fit
-
     cfg = load_preset("vsrn_synth", [f"data.path={json.dumps(str(tiny_data))}", *SMALL, "train.save_every=3"])
-    ref = fit(cfg, tmp_path / "ref")
-
-    class Crash(Exception):
-        pass
-
-    def crash(state, stats) -> None:
-        if state.global_step == 10:  # mid-epoch 2 (7 steps per epoch), after the checkpoint of step 9
-            raise Crash
-
-    with pytest.raises(Crash):
-        fit(cfg, tmp_path / "run", on_step=crash)
-    resumed = fit(cfg, tmp_path / "run", resume=True)
-    assert resumed["history"] == ref["history"]
-    a, b = native.load(tmp_path / "ref" / CHECKPOINT), native.load(tmp_path / "run" / CHECKPOINT)
+    # 7 steps per epoch: step 10 is mid-epoch 2, after the checkpoint of step 9
+    _, a, b = crash_and_resume(cfg, tmp_path, crash_at=10)
     assert not any("caption" in k for k in a["model"])
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
     for k, v in a["training_state"]["caption"].items():
         assert torch.equal(v, b["training_state"]["caption"][k]), k
