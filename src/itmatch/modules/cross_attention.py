@@ -39,15 +39,17 @@ class XAttnConfig:
 
 
 def _raw_norm(a: torch.Tensor, kind: str, qmask: torch.Tensor | None, eps: float, inplace: bool) -> torch.Tensor:
-    """Normalise raw scores over the last (query) axis; `qmask` marks valid query items. Never modifies `a`."""
+    """Normalise raw scores over the last (query) axis. Never modifies `a`.
+
+    Padded query items must have zero scores (their vectors are zeroed), so they add nothing to the sums of the
+    norms; only the softmax needs `qmask` (1 = valid), since exp(0) is not 0.
+    """
     if kind in ("clipped_l2norm", "clipped", "clipped_l1norm"):
         x = F.leaky_relu(a, negative_slope=0.1)  # upstream uses LeakyReLU(0.1), not the paper's ReLU
     elif kind in ("l2norm", "l1norm", "no_norm", "softmax"):
         x = a.clone() if inplace else a
     else:
         raise ValueError(f"unknown raw_feature_norm {kind!r}")
-    if qmask is not None and kind != "softmax":
-        x = x.mul_(qmask) if inplace else x * qmask
     match kind:
         case "clipped_l2norm" | "l2norm":
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps
@@ -124,11 +126,13 @@ def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Te
     lengths = lengths.to(captions.device)
     wmask = torch.arange(L, device=captions.device)[None, :] < lengths[:, None]  # (Nc, L)
     wmask_f = wmask.to(captions.dtype)
+    captions = captions * wmask_f[..., None]  # padding contributes exact zeros to every dot product
     if cfg.direction == "t2i":
         # context = regions of each image, query = words: dots (Ni, R, Nc, L), straight from one matrix product
         dots = (images.reshape(ni * r, d) @ captions.reshape(nc * L, d).T).view(ni, r, nc, L)
         word_norm = torch.linalg.vector_norm(captions, dim=-1)  # (Nc, L)
-        cos = _attend(dots, images, word_norm[None], None, wmask_f[None, None], cfg)  # (Ni, Nc, L)
+        qmask = wmask_f[None, None] if cfg.raw_feature_norm == "softmax" else None
+        cos = _attend(dots, images, word_norm[None], None, qmask, cfg)  # (Ni, Nc, L)
         return _aggregate(cos, cfg, wmask[None], lengths.to(cos.dtype)[None, :])
     # i2t: context = words of each caption, query = regions: dots (Nc, L, Ni, R)
     dots = (captions.reshape(nc * L, d) @ images.reshape(ni * r, d).T).view(nc, L, ni, r)
