@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from itmatch.errors import CheckpointError
+from itmatch.errors import CheckpointError, ConfigError
 from itmatch.losses import hinge_loss
 
 
@@ -44,6 +45,14 @@ class Encoded:
         keep = torch.arange(self.emb.shape[1], device=self.emb.device)[None, :] < self.lengths[:, None]
         offsets = torch.cumsum(self.lengths, 0) - self.lengths
         return Encoded(self.emb[keep], self.lengths, offsets)
+
+
+def check_data_sizes(cfg: Any, *, vocab: bool = True) -> None:
+    """Refuse a config whose data-dependent sizes (filled in by `itmatch train`) are still unset."""
+    if vocab and cfg.vocab_size <= 0:
+        raise ConfigError(f"{cfg.name}: model.vocab_size must be > 0 (it is set from the vocabulary when training)")
+    if cfg.image_dim <= 0:
+        raise ConfigError(f"{cfg.name}: model.image_dim must be > 0 (it is set from the data when training)")
 
 
 class RetrievalModel(nn.Module):

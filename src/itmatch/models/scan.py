@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from itmatch.errors import ConfigError
-from itmatch.models.base import Encoded, RetrievalModel
+from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.cross_attention import Aggregation, RawNorm, XAttnConfig, xattn_similarity
 from itmatch.modules.norm import l2norm
 from itmatch.modules.text_gru import GruTextEncoder
@@ -97,8 +97,5 @@ class Scan(RetrievalModel):
 
 @register_model("scan", ScanConfig)
 def build(cfg: ScanConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Scan:
-    if cfg.vocab_size <= 0:
-        raise ConfigError("scan: model.vocab_size must be > 0 (it is set from the vocabulary when training)")
-    if cfg.image_dim <= 0:
-        raise ConfigError("scan: model.image_dim must be > 0 (it is set from the data when training)")
+    check_data_sizes(cfg)
     return Scan(cfg, device=device, dtype=dtype)

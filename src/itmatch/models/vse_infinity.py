@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from itmatch.errors import ConfigError, DataError
-from itmatch.models.base import Encoded, RetrievalModel
+from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.gpo import Gpo
 from itmatch.modules.norm import l2norm
 from itmatch.modules.text_bert import bert_tokens, load_bert
@@ -167,8 +167,7 @@ class VseInfinity(RetrievalModel):
 @register_model("vse_infinity", VseInfinityConfig)
 def build(cfg: VseInfinityConfig, *, device: torch.device | str | None = None,
           dtype: torch.dtype | None = None) -> VseInfinity:
-    if cfg.image_dim <= 0:
-        raise ConfigError("vse_infinity: model.image_dim must be > 0 (it is set from the data when training)")
+    check_data_sizes(cfg, vocab=False)
     if cfg.text_encoder == "bigru" and cfg.vocab_size <= 0:
         raise ConfigError("vse_infinity: text_encoder 'bigru' needs model.vocab_size > 0 (set from the vocabulary)")
     return VseInfinity(cfg, device=device, dtype=dtype)

@@ -18,8 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from itmatch.errors import ConfigError
-from itmatch.models.base import Encoded, RetrievalModel
+from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.norm import l2norm
 from itmatch.modules.text_gru import GruTextEncoder
 from itmatch.registry import register_model
@@ -76,8 +75,5 @@ class Vsepp(RetrievalModel):
 
 @register_model("vsepp", VseppConfig)
 def build(cfg: VseppConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Vsepp:
-    if cfg.vocab_size <= 0:
-        raise ConfigError("vsepp: model.vocab_size must be > 0 (it is set from the vocabulary when training)")
-    if cfg.image_dim <= 0:
-        raise ConfigError("vsepp: model.image_dim must be > 0 (it is set from the data when training)")
+    check_data_sizes(cfg)
     return Vsepp(cfg, device=device, dtype=dtype)

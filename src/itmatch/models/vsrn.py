@@ -26,7 +26,7 @@ from torch import nn
 
 from itmatch.errors import CheckpointError, ConfigError
 from itmatch.losses import caption_nll, hinge_loss
-from itmatch.models.base import Encoded, RetrievalModel
+from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.captioner import RegionCaptioner
 from itmatch.modules.graph import ResidualGraphConv
 from itmatch.modules.norm import l2norm
@@ -176,10 +176,7 @@ def _ignore_missing_caption_weights(module: nn.Module, incompatible: Any) -> Non
 
 @register_model("vsrn", VsrnConfig)
 def build(cfg: VsrnConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Vsrn:
-    if cfg.vocab_size <= 0:
-        raise ConfigError("vsrn: model.vocab_size must be > 0 (it is set from the vocabulary when training)")
-    if cfg.image_dim <= 0:
-        raise ConfigError("vsrn: model.image_dim must be > 0 (it is set from the data when training)")
+    check_data_sizes(cfg)
     if cfg.caption_loss_weight < 0:
         raise ConfigError("vsrn: model.caption_loss_weight must be >= 0 (0 removes the caption branch)")
     if cfg.caption_max_len < 2:
