@@ -173,22 +173,16 @@ class CaptionDataset(torch.utils.data.Dataset):
         return self.split.n_captions
 
     def __getitem__(self, k: int) -> tuple[np.ndarray, list[int], int, int]:
-        row = self.split.image_of(int(self.caption_perm[k]) if self.caption_perm is not None else k)
+        row = self.image_row(k)
         return self.split.images[row], self.tokens[k], k, row
 
     def image_row(self, k: int) -> int:
         """Feature row paired with caption k (through the control permutation, if any)."""
         return self.split.image_of(int(self.caption_perm[k]) if self.caption_perm is not None else k)
 
-    def collate(self, items: list[tuple[np.ndarray, list[int], int, int]]) -> Batch:
-        return collate(items)
-
     def batch(self, indices: list[int]) -> Batch:
         """Read a whole batch with one fancy-indexed copy from the mapped array."""
-        rows = [
-            self.split.image_of(int(self.caption_perm[k]) if self.caption_perm is not None else k)
-            for k in indices
-        ]
+        rows = [self.image_row(k) for k in indices]
         feats = self.split.images[np.asarray(rows)]
         return collate([(feats[i], self.tokens[k], k, rows[i]) for i, k in enumerate(indices)])
 
