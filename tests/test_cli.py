@@ -138,3 +138,11 @@ def test_vocab_command_writes_the_original_format(tmp_path: Path, capsys) -> Non
     raw = json.loads((root / "vocab.json").read_text())
     assert code == 0 and set(raw) == {"word2idx", "idx2word", "idx"}
     assert raw["word2idx"]["<pad>"] == 0 and raw["idx2word"]["3"] == "<unk>"
+
+
+def test_python_m_itmatch_runs_the_cli() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "itmatch", "presets"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "vsepp_synth" in proc.stdout

@@ -173,6 +173,22 @@ def test_presets_mirror_the_original_commands() -> None:
         assert (cfg.train.epochs, cfg.train.lr, cfg.train.margin, cfg.train.grad_clip) == (30, 2e-4, 0.2, 2.0)
         assert cfg.train.max_violation and cfg.data.batch_size == 128
         assert (cfg.train.val_every, cfg.train.val_selects) == (500, True)
+        assert cfg.model.vse_mean_warmup_epochs == 0  # upstream: hardest negatives from the first step
+
+
+@pytest.mark.parametrize(("warmup", "configured", "expected"), [
+    (0, False, [False, False, False]),  # 0 = no switch: train.max_violation is left as configured
+    (0, True, [True, True, True]),
+    (2, False, [False, False, True]),  # VSE0 for two epochs, then hardest negatives
+])
+def test_hard_negative_warmup_switches_after_its_epochs(warmup: int, configured: bool, expected: list) -> None:
+    model = tiny_vsrn(vse_mean_warmup_epochs=warmup)
+    model.set_loss(margin=0.2, max_violation=configured)
+    seen = []
+    for epoch in range(3):
+        model.on_epoch_start(epoch)
+        seen.append(model.max_violation)
+    assert seen == expected
 
 
 # --------------------------------------------------------------------------------------------- training

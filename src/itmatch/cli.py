@@ -106,6 +106,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         cfg = config_from_dict(native.load(out / CHECKPOINT)["config"])
     summary = fit(cfg, out, resume=args.resume, progress=_progress(args))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports and tests
     print(f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['train_seconds']:.0f}s; "
           f"best dev score {summary['best_score']:.1f} at epoch {summary['best_epoch']}; checkpoints in {out}")
     if args.test:

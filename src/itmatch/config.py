@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 
@@ -48,7 +48,8 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps in total (0 = no limit); for smoke runs
     region_drop: float = 0.0  # training: drop each region with this probability (VSE-infinity: 0.2)
     word_noise: float = 0.0  # training: select words with this probability to mask/replace/delete (VSE-inf.: 0.2)
-    device: str = "cpu"
+    device: str = "cpu"  # under torchrun, "cuda" gives each rank the GPU of its LOCAL_RANK
+    amp: Literal["", "bf16", "fp16"] = ""  # autocast mixed precision ("" = float32); fp16 (with loss scaling) on GPU
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from itmatch import distributed
 from itmatch.checkpoints import native
 from itmatch.config import Config, config_from_dict, config_to_dict
 from itmatch.data.augment import AugmentedCaptions
@@ -106,6 +107,34 @@ class _Batches(torch.utils.data.Dataset):
         return self.augment.batch(self.batches[i], np.random.default_rng([*self.key[:-1], self.key[-1] + i]))
 
 
+class _TrainingLoss(torch.nn.Module):
+    """`model.training_loss` as a module's forward, so DistributedDataParallel sees (and syncs) the call."""
+
+    def __init__(self, model: RetrievalModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.model.training_loss(*args, **kwargs)
+
+
+class _NoWriter:
+    """TensorBoard stand-in for the ranks other than 0 (only rank 0 writes logs)."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _rank_batches(batches: list[list[int]], info: distributed.DistInfo) -> list[list[int]]:
+    """Every rank's shard of each global batch; a final batch smaller than the world size is dropped."""
+    if not info.enabled:
+        return batches
+    return [distributed.shard(b, info.rank, info.world_size) for b in batches if len(b) >= info.world_size]
+
+
 def evaluate_model(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
                    device: torch.device | str = "cpu", fold5: bool = False) -> dict:
     """Encode a split and run the retrieval protocol on it."""
@@ -137,8 +166,23 @@ def _checkpoint(model: RetrievalModel, optimizer: torch.optim.Optimizer | None, 
 
 def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = False,
         on_step: Callable[[RunState, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train `cfg` into `out_dir` (checkpoint.pt, model_best.pt, config.json, tb/); returns a summary."""
-    out = Path(out_dir)
+    """Train `cfg` into `out_dir` (checkpoint.pt, model_best.pt, config.json, tb/); returns a summary.
+
+    Under `torchrun` every rank calls `fit` with the same arguments: `data.batch_size` is the global batch, each
+    rank encodes its contiguous shard, and only rank 0 validates and writes logs and checkpoints.
+    """
+    joined = not distributed.active()
+    info, device = distributed.setup(cfg.train.device)
+    joined = joined and info.enabled  # tear down only a process group this call created
+    try:
+        return _fit(cfg, Path(out_dir), info, device, resume=resume, progress=progress, on_step=on_step)
+    finally:
+        if joined:
+            distributed.teardown()
+
+
+def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.device, *, resume: bool,
+         progress: bool, on_step: Callable[[RunState, dict[str, float]], None] | None) -> dict[str, Any]:
     ckpt_path = out / CHECKPOINT
     saved = None
     if resume:
@@ -146,11 +190,15 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
         cfg = config_from_dict(saved["config"], str(ckpt_path))
     cfg, train_split, vocab = resolve_config(cfg)
     tc, dc = cfg.train, cfg.data
-    device = torch.device(tc.device)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, device)
     if tc.region_drop and "lengths" not in inspect.signature(model.encode_image).parameters:
         raise ConfigError(f"train.region_drop needs a model that takes image lengths; {cfg.model.name} does not")
+    if info.enabled and not model.is_embedding_model():
+        raise ConfigError(f"{cfg.model.name} scores pairs by cross attention, which cannot mine negatives over the "
+                          "global batch; train it in one process (without torchrun)")
+    if tc.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs a GPU (train.device=cuda); on CPU use train.amp=bf16 or none")
     optimizer = model.make_optimizer(tc.lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state, history = RunState(), []
@@ -160,12 +208,25 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["state"])
         history = list(saved["history"])
-        torch.set_rng_state(saved["rng_torch"])
+        torch.set_rng_state(saved["rng_torch"])  # rank 0's; the other ranks reseed below
         _logger.info("resumed from %s at epoch %d step %d", ckpt_path, state.epoch, state.step_in_epoch)
     elif ckpt_path.exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    if info.enabled:
+        torch.manual_seed(tc.seed * 1_000_003 + 7919 * info.rank + state.global_step)  # own dropout masks per rank
+    trainer: torch.nn.Module = _TrainingLoss(model)
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Broadcasts rank 0's weights; find_unused_parameters: some encoders hold weights a loss never reaches
+        # (e.g. BERT's pooler).
+        trainer = DistributedDataParallel(trainer, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
 
     perm = None
     if dc.shuffle_captions:
@@ -176,24 +237,35 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
         augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
     val_split = PrecompSplit(Path(dc.path), dc.val_split)
 
-    from torch.utils.tensorboard import SummaryWriter
+    if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=state.global_step or None)
+        writer: Any = SummaryWriter(str(out / "tb"), purge_step=state.global_step or None)
+    else:
+        writer = _NoWriter()
     started, seconds_before = time.perf_counter(), state.train_seconds
 
     def save_resumable() -> None:
         state.train_seconds = seconds_before + time.perf_counter() - started
-        native.save(_checkpoint(model, optimizer, cfg, vocab, state, history), ckpt_path)
+        if info.is_main:
+            native.save(_checkpoint(model, optimizer, cfg, vocab, state, history), ckpt_path)
 
-    def validate() -> dict:
-        return evaluate_model(model, val_split, vocab, batch_size=dc.batch_size, device=device)
+    def save_best() -> None:
+        if info.is_main:
+            native.save(_checkpoint(model, None, cfg, vocab, state, history), out / BEST)
+
+    def validate() -> dict | None:
+        """Dev results on rank 0 (the others wait); None on the other ranks."""
+        res = evaluate_model(model, val_split, vocab, batch_size=dc.batch_size, device=device) if info.is_main else None
+        distributed.barrier()
+        return res
 
     stop = False
     try:
         while state.epoch < tc.epochs and not stop:
             lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update)
             model.on_epoch_start(state.epoch)
-            batches = epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch)
+            batches = _rank_batches(epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch), info)
             # Its own generator: starting an iterator draws a seed, which from the global RNG would shift the
             # dropout masks of a run resumed mid-epoch (VSRN's caption branch).
             loader = torch.utils.data.DataLoader(
@@ -203,12 +275,13 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
             )
             model.train()
             bar = tqdm(loader, total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
-                       disable=not progress, leave=False)
+                       disable=not (progress and info.is_main), leave=False)
             for batch in bar:
                 batch = batch.to(device)
                 extra = {} if batch.image_lengths is None else {"image_lengths": batch.image_lengths}
-                terms = model.training_loss(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)
-                loss = terms["loss"]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    terms = trainer(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)
+                loss = terms["loss"].float()
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss.item()} at epoch {state.epoch + 1} step {state.global_step + 1}; "
@@ -216,10 +289,12 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
                         "lower train.lr or check the features for NaN/inf (`itmatch data check`)"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if tc.grad_clip > 0:
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 state.step_in_epoch += 1
                 state.global_step += 1
                 stats = {k: float(v.detach()) for k, v in terms.items()}
@@ -232,10 +307,11 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
                     on_step(state, stats)
                 if tc.val_every and state.global_step % tc.val_every == 0:
                     res = validate()
-                    writer.add_scalar("val/rsum", res["rsum"], state.global_step)
-                    if tc.val_selects and model.selection_score(res) > state.best_score:
-                        state.best_score, state.best_epoch = model.selection_score(res), state.epoch + 1
-                        native.save(_checkpoint(model, None, cfg, vocab, state, history), out / BEST)
+                    if res is not None:
+                        writer.add_scalar("val/rsum", res["rsum"], state.global_step)
+                        if tc.val_selects and model.selection_score(res) > state.best_score:
+                            state.best_score, state.best_epoch = model.selection_score(res), state.epoch + 1
+                            save_best()
                 if tc.save_every and state.global_step % tc.save_every == 0:
                     save_resumable()
                 if tc.max_steps and state.global_step >= tc.max_steps:
@@ -246,22 +322,22 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
                 break
             # End of epoch: validate, select by the method's criterion (strictly better, as upstream), save.
             res = validate()
-            score = model.selection_score(res)
-            for direction in ("i2t", "t2i"):
-                for k, v in res[direction].items():
-                    writer.add_scalar(f"val/{direction}_{k}", v, state.global_step)
-            writer.add_scalar("val/rsum", res["rsum"], state.global_step)
-            history.append({"epoch": state.epoch + 1, "step": state.global_step, "rsum": res["rsum"],
-                            "score": score, "i2t_R@1": res["i2t"]["R@1"], "t2i_R@1": res["t2i"]["R@1"]})
             state.epoch += 1
             state.step_in_epoch = 0
-            is_best = score > state.best_score
-            if is_best:
-                state.best_score, state.best_epoch = score, state.epoch
-                best = _checkpoint(model, None, cfg, vocab, state, history)
-                native.save(best, out / BEST)
+            if res is not None:
+                score = model.selection_score(res)
+                for direction in ("i2t", "t2i"):
+                    for k, v in res[direction].items():
+                        writer.add_scalar(f"val/{direction}_{k}", v, state.global_step)
+                writer.add_scalar("val/rsum", res["rsum"], state.global_step)
+                history.append({"epoch": state.epoch, "step": state.global_step, "rsum": res["rsum"],
+                                "score": score, "i2t_R@1": res["i2t"]["R@1"], "t2i_R@1": res["t2i"]["R@1"]})
+                if score > state.best_score:
+                    state.best_score, state.best_epoch = score, state.epoch
+                    save_best()
+                _logger.info("epoch %d: dev rsum %.2f%s", state.epoch, res["rsum"],
+                             " (best)" if state.best_epoch == state.epoch else "")
             save_resumable()
-            _logger.info("epoch %d: dev rsum %.2f%s", state.epoch, res["rsum"], " (best)" if is_best else "")
     finally:
         writer.close()
     total = seconds_before + time.perf_counter() - started

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from itmatch.distributed import gather_with_grad
 from itmatch.errors import CheckpointError, ConfigError
 from itmatch.losses import hinge_loss
 
@@ -91,6 +92,16 @@ class RetrievalModel(nn.Module):
         if state:
             raise CheckpointError(f"{type(self).__name__} has no training-only state, got {sorted(state)}")
 
+    @classmethod
+    def is_embedding_model(cls) -> bool:
+        """True when similarity is the dot product of pooled embeddings (what can be indexed and all-gathered)."""
+        return cls.similarity is RetrievalModel.similarity
+
+    def global_batch(self, emb: torch.Tensor) -> torch.Tensor:
+        """Pooled (B_local, D) embeddings -> the global batch's under torchrun training (every rank's, in rank
+        order, gradients flowing back to this rank's rows), so negatives are mined over the whole batch."""
+        return gather_with_grad(emb) if self.training else emb
+
     def set_loss(self, *, margin: float, max_violation: bool) -> None:
         self.margin, self.max_violation = margin, max_violation
 
@@ -102,5 +113,8 @@ class RetrievalModel(nn.Module):
         then passed on to `encode_image(images, image_lengths)`.
         """
         encoded = self.encode_image(images) if image_lengths is None else self.encode_image(images, image_lengths)
-        sims = self.similarity(encoded, self.encode_text(captions, lengths))
+        texts = self.encode_text(captions, lengths)
+        if self.is_embedding_model():
+            encoded, texts = Encoded(self.global_batch(encoded.emb)), Encoded(self.global_batch(texts.emb))
+        sims = self.similarity(encoded, texts)
         return {"loss": hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)}

@@ -52,6 +52,10 @@ class VsrnConfig:
     caption_word_dim: int = 300
     caption_max_len: int = 60  # captions longer than this are cut (upstream --max_len)
     caption_dropout: float = 0.2
+    # Not upstream (VSRN trains with hardest negatives from the first step): epochs of the VSE0 loss (all
+    # negatives) before hardest negatives, as VSE-infinity's warm-up. 0 = upstream; > 0 switches
+    # `train.max_violation` on after that many epochs. The synthetic preset needs it (see vsrn_synth.toml).
+    vse_mean_warmup_epochs: int = 0
 
 
 class VsrnImageEncoder(nn.Module):
@@ -131,6 +135,10 @@ class Vsrn(RetrievalModel):
     def encode_text(self, captions: torch.Tensor, lengths: torch.Tensor) -> Encoded:
         return Encoded(l2norm(self.txt_enc(captions, lengths), dim=-1))
 
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.cfg.vse_mean_warmup_epochs > 0 and epoch >= self.cfg.vse_mean_warmup_epochs:
+            self.max_violation = True
+
     def selection_score(self, results: dict) -> float:
         """Upstream train.py:validate selects on R@1 + R@5 in both directions (R@10 left out)."""
         i2t, t2i = results["i2t"], results["t2i"]
@@ -139,7 +147,7 @@ class Vsrn(RetrievalModel):
     def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
                       *, epoch: int) -> dict[str, torch.Tensor]:
         img_emb, regions = self.img_enc(images)
-        sims = img_emb @ self.encode_text(captions, lengths).emb.T
+        sims = self.global_batch(img_emb) @ self.global_batch(self.encode_text(captions, lengths).emb).T
         matching = hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)
         if self.caption is None:
             return {"loss": matching}
@@ -179,6 +187,8 @@ def build(cfg: VsrnConfig, *, device: torch.device | str | None = None, dtype: t
     check_data_sizes(cfg)
     if cfg.caption_loss_weight < 0:
         raise ConfigError("vsrn: model.caption_loss_weight must be >= 0 (0 removes the caption branch)")
+    if cfg.vse_mean_warmup_epochs < 0:
+        raise ConfigError("vsrn: model.vse_mean_warmup_epochs must be >= 0 (0 = hardest negatives throughout)")
     if cfg.caption_max_len < 2:
         raise ConfigError("vsrn: model.caption_max_len must be >= 2")
     return Vsrn(cfg, device=device, dtype=dtype)

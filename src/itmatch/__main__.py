@@ -1,0 +1,5 @@
+"""`python -m itmatch ...` (and `torchrun -m itmatch train ...`) runs the CLI."""
+
+from itmatch.cli import entry
+
+entry()

@@ -1,0 +1,107 @@
+"""Distributed training under torchrun: the global-batch loss and gradients, rank-0-only writes, resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from itmatch.distributed import gather_with_grad, shard
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 15, 16])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_concatenate_to_the_global_batch(n: int, world: int) -> None:
+    batch = list(range(100, 100 + n))
+    parts = [shard(batch, r, world) for r in range(world)]
+    assert sum(parts, []) == batch
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_gather_is_the_identity_in_one_process() -> None:
+    x = torch.randn(3, 4, requires_grad=True)
+    assert gather_with_grad(x) is x
+
+
+def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_loss_and_gradients_of_one_process_on_the_global_batch(
+        tiny_data: Path, tmp_path: Path) -> None:
+    """Hardest negatives are mined over the concatenated batch (a per-rank loss would differ)."""
+    from itmatch.data.precomp import CaptionDataset
+    from itmatch.train import build_model, resolve_config
+    from tests.ddp_worker import tiny_config
+
+    torchrun("grads", str(tiny_data), str(tmp_path / "ddp.pt"))
+    ddp = torch.load(tmp_path / "ddp.pt")
+    cfg, split, tokenizer = resolve_config(tiny_config(str(tiny_data)))
+    assert cfg.train.max_violation
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = CaptionDataset(split, tokenizer).batch(ddp["batch"])
+    loss = model.training_loss(batch.images, batch.captions, batch.lengths, epoch=0)["loss"]
+    loss.backward()
+    torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ddp["grads"].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_torchrun_training_writes_from_rank_0_only_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
+    """A 2-process run crashes mid-epoch, resumes under torchrun, and ends where one process ends."""
+    from itmatch.checkpoints import native
+    from itmatch.train import BEST, CHECKPOINT, fit
+    from tests.ddp_worker import tiny_config
+
+    run, log = tmp_path / "run", tmp_path / "writes.log"
+    crashed = torchrun("fit", str(tiny_data), str(run), str(log), "--crash-at", "18", check=False)
+    assert crashed.returncode != 0
+    assert native.load(run / CHECKPOINT)["state"]["global_step"] == 16  # save_every=4: the last save before 18
+    torchrun("fit", str(tiny_data), str(run), str(log), "--resume")
+    writes = log.read_text().split("\n")[:-1]
+    assert writes and {w.split()[0] for w in writes} == {"0"}, writes
+    assert {w.split()[1] for w in writes} == {CHECKPOINT, BEST}
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2  # rank 0's, one per session
+
+    ref = fit(tiny_config(str(tiny_data)), tmp_path / "ref")
+    got = native.load(run / CHECKPOINT)
+    assert got["state"]["global_step"] == ref["steps"] == 2 * 14
+    expected = native.load(tmp_path / "ref" / CHECKPOINT)["model"]
+    for name, value in expected.items():
+        torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_only_dot_product_models_mine_negatives_over_the_global_batch() -> None:
+    from itmatch.models.scan import Scan
+    from itmatch.models.vse_infinity import VseInfinity
+    from itmatch.models.vsepp import Vsepp
+    from itmatch.models.vsrn import Vsrn
+
+    assert [m.is_embedding_model() for m in (Vsepp, VseInfinity, Vsrn, Scan)] == [True, True, True, False]
+
+
+def test_bf16_autocast_trains_and_fp16_needs_a_gpu(tiny_data: Path, tmp_path: Path) -> None:
+    from itmatch.errors import ConfigError
+    from itmatch.train import fit
+    from tests.ddp_worker import tiny_config
+
+    summary = fit(tiny_config(str(tiny_data), "train.amp=\"bf16\"", "train.max_steps=3"), tmp_path / "bf16")
+    assert summary["steps"] == 3
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        fit(tiny_config(str(tiny_data), "train.amp=\"fp16\""), tmp_path / "fp16")
