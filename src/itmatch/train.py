@@ -112,8 +112,13 @@ def evaluate_model(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTok
     return evaluate_sims(compute_sims(model, split, vocab, batch_size=batch_size, device=device), fold5=fold5)
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int, lr_update: int) -> float:
-    factor = 0.1 ** (epoch // lr_update) if lr_update > 0 else 1.0
+def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int, lr_update: int,
+            milestones: tuple[int, ...] = ()) -> float:
+    """lr = base * 0.1 ** (epoch // lr_update), or 0.1 ** (milestones reached) when milestones are given."""
+    if milestones:
+        factor = 0.1 ** sum(epoch >= m for m in milestones)
+    else:
+        factor = 0.1 ** (epoch // lr_update) if lr_update > 0 else 1.0
     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
         group["lr"] = base * factor
     return optimizer.param_groups[0]["lr"]
@@ -151,6 +156,8 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     model = build_model(cfg, device)
     if tc.region_drop and "lengths" not in inspect.signature(model.encode_image).parameters:
         raise ConfigError(f"train.region_drop needs a model that takes image lengths; {cfg.model.name} does not")
+    # Methods whose loss groups the captions of one image (HREM) take the batch's image ids.
+    wants_ids = "image_ids" in inspect.signature(model.training_loss).parameters
     optimizer = model.make_optimizer(tc.lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state, history = RunState(), []
@@ -191,7 +198,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     stop = False
     try:
         while state.epoch < tc.epochs and not stop:
-            lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update)
+            lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update, tc.lr_milestones)
             model.on_epoch_start(state.epoch)
             batches = epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch)
             # Its own generator: starting an iterator draws a seed, which from the global RNG would shift the
@@ -206,7 +213,11 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
                        disable=not progress, leave=False)
             for batch in bar:
                 batch = batch.to(device)
-                extra = {} if batch.image_lengths is None else {"image_lengths": batch.image_lengths}
+                extra: dict[str, torch.Tensor] = {}
+                if batch.image_lengths is not None:
+                    extra["image_lengths"] = batch.image_lengths
+                if wants_ids:
+                    extra["image_ids"] = batch.image_ids
                 terms = model.training_loss(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
