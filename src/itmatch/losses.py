@@ -42,7 +42,8 @@ def distance_weights(sims: torch.Tensor, negatives: torch.Tensor, *, cutoff: flo
     For unit vectors d = sqrt(2 - 2 s) (clamped to >= min_dist) and q(d) ~ d^(dim-2) (1 - d^2/4)^((dim-3)/2) is the
     density of distances between random points on the sphere; a negative is weighted by 1/q(d) when d < cutoff,
     else 0. As HREM (`lib/loss.py:TripletLoss`): dim = 512 whatever the embedding size, log-weights of
-    non-negatives and of inf/nan entries are 0 and take part in the row maximum subtracted before exp.
+    non-negatives and of inf/nan entries are 0 and take part in the row maximum subtracted before exp, and so do
+    negatives beyond the cutoff: a very far one (large 1/q) can underflow every valid weight of its row to 0.
     No gradient: the weights only choose which negative is used.
     """
     with torch.no_grad():

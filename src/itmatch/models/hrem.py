@@ -164,10 +164,11 @@ class Hrem(RetrievalModel):
         if self.graph_active():
             nodes = (img, cap) if cfg.norm_input else (img_raw, cap_raw)
             img_g, cap_g, reg = self.graph(*nodes, regions, words, lengths)
-            graph = distance_weighted_triplet_loss(img_g @ cap_g.T, ids, **kw)
-            if cfg.cross_loss:
+            graph = img.new_zeros(())
+            if cfg.cross_loss:  # upstream order (it matters for the sampled negatives): (img, cap_g), (img_g, cap)
                 graph = (distance_weighted_triplet_loss(img @ cap_g.T, ids, **kw)
-                         + distance_weighted_triplet_loss(img_g @ cap.T, ids, **kw) + graph)
+                         + distance_weighted_triplet_loss(img_g @ cap.T, ids, **kw))
+            graph = graph + distance_weighted_triplet_loss(img_g @ cap_g.T, ids, **kw)
             terms |= {"graph": graph, "reg": reg}
             base = base + graph + cfg.reg_loss_weight * reg
         self.iterations += 1  # upstream counts after the forward, so step `warmup` is the first with the graph

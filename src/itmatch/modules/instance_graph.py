@@ -121,6 +121,6 @@ class InstanceGraph(nn.Module):
         """
         connect, relevance, reg = self.relations(img, cap, regions, words, word_lengths)
         mask = self.mask_weight * relevance.masked_fill(~connect, float("-inf"))
-        nodes = self.gnn(torch.cat([img, cap])[None], mask=mask)[0]  # one sequence of 2B nodes
+        nodes = self.gnn(torch.cat([img, cap])[:, None], mask=mask)[:, 0]  # one sequence of 2B nodes, batch of 1
         img_g, cap_g = nodes.split(len(img))
         return F.normalize(img_g, dim=-1), F.normalize(cap_g, dim=-1), reg
