@@ -482,3 +482,11 @@ def test_training_passes_the_image_ids_to_the_loss(tiny_data: Path, tiny_bert: P
     fit(small(tiny_data, tiny_bert, "train.max_steps=1"), tmp_path / "run")
     assert len(seen) == 1 and seen[0] is not None and len(seen[0]) == 16
     assert (tmp_path / "run" / CHECKPOINT).is_file()
+
+
+def test_selecting_on_the_test_split_is_explicit_and_warned(tiny_data: Path, tiny_bert: Path, tmp_path: Path,
+                                                            caplog) -> None:
+    assert small(tiny_data, tiny_bert).data.val_split == "dev"
+    with caplog.at_level("WARNING", logger="itmatch.train"):
+        fit(small(tiny_data, tiny_bert, "train.max_steps=1", 'data.val_split="test"'), tmp_path / "run")
+    assert "model selection on the test split" in caplog.text

@@ -182,6 +182,9 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     if tc.region_drop or tc.word_noise:
         augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
     val_split = PrecompSplit(Path(dc.path), dc.val_split)
+    if dc.val_split == dc.test_split:
+        _logger.warning("model selection on the test split %r (data.val_split): the reported test numbers are then "
+                        "optimistic; HREM's original does this, use the dev split for a clean protocol", dc.val_split)
 
     from torch.utils.tensorboard import SummaryWriter
 
