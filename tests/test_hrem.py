@@ -215,7 +215,7 @@ def test_a_direction_without_valid_negatives_counts_zero_but_still_backpropagate
     sims.fill_diagonal_(0.9)
     sims.requires_grad_(True)
     loss = distance_weighted_triplet_loss(sims, torch.arange(3))
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     loss.backward()  # upstream returns a leaf that requires grad; the step goes on
 
 
@@ -490,3 +490,22 @@ def test_selecting_on_the_test_split_is_explicit_and_warned(tiny_data: Path, tin
     with caplog.at_level("WARNING", logger="itmatch.train"):
         fit(small(tiny_data, tiny_bert, "train.max_steps=1", 'data.val_split="test"'), tmp_path / "run")
     assert "model selection on the test split" in caplog.text
+
+
+def test_without_norm_input_only_the_graph_transformer_sees_the_raw_embeddings(tiny_bert: Path) -> None:
+    model = hrem_model(tiny_bert, warmup_iterations=0, norm_input=False).eval()
+    images, captions, lengths = tiny_batch()
+    with torch.no_grad():
+        img, img_raw, regions = model.img_enc(images, torch.full((6,), 5))
+        cap, cap_raw, words = model.txt_enc(captions, lengths)
+        _, relevance, reg = model.graph.relations(img, cap, regions, words, lengths)  # normalised, as upstream
+        img_g, cap_g, reg2 = model.graph(img, cap, regions, words, lengths, (img_raw, cap_raw))
+        same_g, _, _ = model.graph(img, cap, regions, words, lengths)
+    torch.testing.assert_close(reg2, reg)
+    assert not torch.allclose(img_g, same_g)
+    torch.manual_seed(0)
+    terms = model.training_loss(images, captions, lengths, epoch=0)
+    torch.manual_seed(0)
+    want = distance_weighted_triplet_loss(img @ cap.T, torch.arange(6))
+    torch.testing.assert_close(terms["base"].detach(), want)
+    torch.testing.assert_close(terms["reg"].detach(), reg)

@@ -162,8 +162,8 @@ class Hrem(RetrievalModel):
         base = distance_weighted_triplet_loss(img @ cap.T, ids, **kw)
         terms = {"base": base}
         if self.graph_active():
-            nodes = (img, cap) if cfg.norm_input else (img_raw, cap_raw)
-            img_g, cap_g, reg = self.graph(*nodes, regions, words, lengths)
+            nodes = None if cfg.norm_input else (img_raw, cap_raw)
+            img_g, cap_g, reg = self.graph(img, cap, regions, words, lengths, nodes)
             graph = img.new_zeros(())
             if cfg.cross_loss:  # upstream order (it matters for the sampled negatives): (img, cap_g), (img_g, cap)
                 graph = (distance_weighted_triplet_loss(img @ cap_g.T, ids, **kw)

@@ -114,13 +114,17 @@ class InstanceGraph(nn.Module):
         return connect, relevance, reg
 
     def forward(self, img: torch.Tensor, cap: torch.Tensor, regions: torch.Tensor, words: torch.Tensor,
-                word_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                word_lengths: torch.Tensor, nodes: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """img, cap (B, D) normalised embeddings; regions (B, R, D), words (B, L, D) pre-pooling features.
 
-        Returns (enhanced images (B, D), enhanced captions (B, D), KL regulariser).
+        The relations always use the normalised embeddings; the transformer runs on `nodes` (default: the same;
+        upstream `norm_input=0` passes the embeddings before l2norm). Returns (enhanced images (B, D), enhanced
+        captions (B, D), KL regulariser).
         """
         connect, relevance, reg = self.relations(img, cap, regions, words, word_lengths)
         mask = self.mask_weight * relevance.masked_fill(~connect, float("-inf"))
-        nodes = self.gnn(torch.cat([img, cap])[:, None], mask=mask)[:, 0]  # one sequence of 2B nodes, batch of 1
-        img_g, cap_g = nodes.split(len(img))
+        x = torch.cat(nodes if nodes is not None else (img, cap))
+        out = self.gnn(x[:, None], mask=mask)[:, 0]  # one sequence of 2B nodes, batch of 1
+        img_g, cap_g = out.split(len(img))
         return F.normalize(img_g, dim=-1), F.normalize(cap_g, dim=-1), reg
