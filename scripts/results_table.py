@@ -23,6 +23,7 @@ ROWS = [
     ("SCAN t2i AVG", "scan_synth_t2i_avg", []),
     ("VSE-infinity, BiGRU", "vse_infinity_synth_bigru", []),
     ("VSE-infinity, MiniLM", "vse_infinity_synth_minilm", []),
+    ("HREM, MiniLM", "hrem_synth_minilm", []),
     ("VSRN", "vsrn_synth", []),
     ("VSRN, no caption branch", "vsrn_synth", ["model.caption_loss_weight=0"]),
 ]

@@ -12,10 +12,12 @@ from itmatch.registry import create_model, list_models, model_entry
 VOCAB, IMAGE_DIM, REGIONS = 30, 12, 5
 
 
-def tiny_model(name: str) -> torch.nn.Module:
+def tiny_model(name: str, bert_path: str = "") -> torch.nn.Module:
     cfg = model_entry(name).config_cls()
     fields = {f.name for f in dataclasses.fields(cfg)}
-    small = {"vocab_size": VOCAB, "image_dim": IMAGE_DIM, "embed_dim": 16, "word_dim": 8}
+    small = {"vocab_size": VOCAB, "image_dim": IMAGE_DIM, "embed_dim": 16, "word_dim": 8, "bert_path": bert_path,
+             # HREM: 2 heads for 16 dims, top-3 of the 5 regions, its relation graph on from the first step
+             "nhead": 2, "relation_topk": 3, "warmup_iterations": 0}
     torch.manual_seed(0)
     return create_model(dataclasses.replace(cfg, **{k: v for k, v in small.items() if k in fields}))
 
@@ -30,8 +32,8 @@ def tiny_batch(b: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_every_parameter_gets_a_gradient(name: str) -> None:
-    model = tiny_model(name)
+def test_every_parameter_gets_a_gradient(name: str, tiny_bert) -> None:
+    model = tiny_model(name, str(tiny_bert))
     images, captions, lengths = tiny_batch()
     sims = model.similarity(model.encode_image(images), model.encode_text(captions, lengths))
     assert sims.shape == (6, 6)
@@ -41,8 +43,8 @@ def test_every_parameter_gets_a_gradient(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_padding_never_changes_text_embeddings(name: str) -> None:
-    model = tiny_model(name).eval()
+def test_padding_never_changes_text_embeddings(name: str, tiny_bert) -> None:
+    model = tiny_model(name, str(tiny_bert)).eval()
     _, captions, lengths = tiny_batch()
     padded = torch.cat([captions, torch.zeros(len(captions), 7, dtype=torch.long)], dim=1)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from itmatch.checkpoints import native, scan, vse_infinity, vsrn
+from itmatch.checkpoints import hrem, native, scan, vse_infinity, vsrn
 from itmatch.config import Config, config_from_dict
 from itmatch.data.precomp import find_vocab
 from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
@@ -30,6 +30,7 @@ OFFICIAL: list[tuple[str, Callable[[Any], bool], Callable[[Any], tuple[Any, dict
     ("vse_infinity", vse_infinity.detect, vse_infinity.convert),
     ("scan", scan.detect, scan.convert),
     ("vsrn", vsrn.detect, vsrn.convert),
+    ("hrem", hrem.detect, hrem.convert),
 ]
 OFFICIAL_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
