@@ -123,3 +123,107 @@ def test_encoded_features_flow_through_the_shared_evaluation_helpers() -> None:
         rows = torch.cat([model.similarity(img.rows(i, i + 1), txt) for i in range(4)])
     assert isinstance(img, Encoded) and img.emb.shape[-1] == model.cfg.embed_dim + 8
     np.testing.assert_allclose(full.numpy(), rows.numpy(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- data files
+def _simulate_original_loader(raw: np.ndarray, sizes: list[dict], n_captions: int, batch_size: int,
+                              swap_wh: bool) -> list[np.ndarray]:
+    """The original's evaluation data path, by hand: in-place division per access, tensors aliasing the array,
+    two unshuffled passes of a batch_size loader; returns the boxes recorded for every caption row."""
+    bbox = raw.copy()
+    recorded: list[np.ndarray] = [np.empty(0)] * n_captions
+    for _ in range(2):
+        for b0 in range(0, n_captions, batch_size):
+            views = {}
+            for k in range(b0, min(b0 + batch_size, n_captions)):
+                img = k // 5
+                boxes = bbox[img]  # a view: the division below changes the dataset's array
+                w, h = sizes[img]["image_w"], sizes[img]["image_h"]
+                if swap_wh:  # the code the models were released with
+                    w, h = h, w
+                for i in range(boxes.shape[0]):
+                    box = boxes[i]
+                    box[0] /= w
+                    box[1] /= h
+                    box[2] /= w
+                    box[3] /= h
+                views[k] = torch.Tensor(boxes) if boxes.dtype == np.float32 else torch.Tensor(boxes.copy())
+            for k, t in views.items():  # collate: torch.stack copies what the aliasing tensors show now
+                recorded[k] = t.numpy().copy()
+    return recorded
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fold5", [False, True])
+def test_box_compat_reproduces_the_cumulative_in_place_division(dtype: type, fold5: bool) -> None:
+    from itmatch.data.gsmn_files import compat_boxes, normalised_boxes
+
+    rng = np.random.default_rng(0)
+    n_img, batch = 3, 4  # 15 captions: batches [0-3] [4-7] [8-11] [12-14]
+    raw = (rng.random((n_img, 2, 4)) * 300 + 1).astype(dtype)
+    sizes = [{"image_w": 640, "image_h": 480}, {"image_w": 500, "image_h": 333}, {"image_w": 375, "image_h": 500}]
+    size_arr = np.array([[s["image_w"], s["image_h"]] for s in sizes], dtype=np.float64)
+    rows = _simulate_original_loader(raw, sizes, 5 * n_img, batch, swap_wh=True)
+    expected = np.stack([rows[5 * j] if fold5 else rows[j] for j in range(n_img)]).astype(np.float32)
+    got = compat_boxes(raw, size_arr, n_images=n_img, batch_size=batch, fold5=fold5, swap_wh=True)
+    np.testing.assert_array_equal(got, expected)
+    if not fold5:  # image 1 is scored with image 0's boxes (row 1 of the per-caption list), as upstream
+        assert np.array_equal(got[1] > 0, got[0] > 0)
+        if dtype == np.float32:  # caption rows 0 and 1 share a batch: both saw 5 + 4 divisions
+            cur = raw[0].copy()
+            for _ in range(9):
+                cur = cur / np.array([480, 640, 480, 640], dtype=np.float32)
+            np.testing.assert_array_equal(got[0], cur)
+    fixed = normalised_boxes(raw, size_arr)
+    np.testing.assert_allclose(fixed[1], raw[1] / np.array([500, 333, 500, 333]), rtol=1e-6)
+
+
+def test_object_array_image_sizes_load_without_running_pickled_code(tmp_path) -> None:
+    import pickle
+
+    from itmatch.data.gsmn_files import load_image_sizes
+    from itmatch.errors import DataError
+
+    sizes = np.empty(2, dtype=object)
+    sizes[0], sizes[1] = {"image_w": 500, "image_h": 333}, {"image_w": np.int64(640), "image_h": 480}
+    np.save(tmp_path / "ok.npy", sizes, allow_pickle=True)
+    np.testing.assert_array_equal(load_image_sizes(tmp_path / "ok.npy"), [[500, 333], [640, 480]])
+    # Python 2 layout: protocol 2, numpy.core module names, byte-string keys read as latin1
+    with open(tmp_path / "py2.npy", "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "|O", "fortran_order": False, "shape": (2,)})
+        pickle.dump(sizes, fh, protocol=2)
+    np.testing.assert_array_equal(load_image_sizes(tmp_path / "py2.npy"), [[500, 333], [640, 480]])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = np.empty(1, dtype=object)
+    evil[0] = Evil()
+    np.save(tmp_path / "evil.npy", evil, allow_pickle=True)
+    with pytest.raises(DataError, match="refusing to load"):
+        load_image_sizes(tmp_path / "evil.npy")
+
+
+def test_synthetic_dataset_writes_the_gsmn_files(tmp_path) -> None:
+    import json
+
+    from itmatch.data.gsmn_files import load_image_sizes, read_precaps
+    from itmatch.data.synthetic import dependency_pairs, generate
+    from itmatch.data.tokenize import tokenize
+    from itmatch.data.vocab import load_vocab, save_vocab, vocab_from_captions_files
+
+    generate(tmp_path, seed=1, dim=8, sizes={"train": 12, "dev": 3, "test": 3})
+    assert np.array_equal(np.load(tmp_path / "test_ims_bbx.npy"), np.load(tmp_path / "test_boxes.npy"))
+    assert (load_image_sizes(tmp_path / "test_ims_size.npy") == [480, 320]).all()
+    caps = (tmp_path / "test_caps.txt").read_text(encoding="utf-8").splitlines()
+    deps = json.loads((tmp_path / "test_caps.json").read_text(encoding="utf-8"))
+    assert len(deps) == len(caps) == 15
+    for cap, pairs in zip(caps, deps, strict=True):
+        n = len(tokenize(cap))
+        assert pairs[0][0] == 0 and sorted(d for _, d in pairs) == list(range(1, n + 1))  # a tree over the tokens
+    assert dependency_pairs(["a", "red", "cube", "left", "of", "a", "ball", "."]) == [
+        [0, 3], [3, 7], [3, 1], [3, 2], [7, 4], [7, 5], [7, 6], [3, 8]]
+    save_vocab(vocab_from_captions_files([tmp_path / "train_caps.txt", tmp_path / "dev_caps.txt"]), tmp_path / "v.json")
+    vocab = load_vocab(tmp_path / "v.json")
+    assert read_precaps(tmp_path / "test_precaps_stan.txt", 15) == [vocab.encode(c) for c in caps]

@@ -170,7 +170,13 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     perm = None
     if dc.shuffle_captions:
         perm = np.random.default_rng(tc.seed).permutation(train_split.n_captions)
-    dataset = CaptionDataset(train_split, vocab, caption_perm=perm)
+    graph: dict = {}
+    if model.extra_inputs:
+        from itmatch.data.gsmn_files import model_inputs
+
+        graph = model_inputs(train_split, cfg.model)
+    dataset = CaptionDataset(train_split, vocab, caption_perm=perm, tokens=graph.get("tokens"),
+                             boxes=graph.get("boxes"), depends=graph.get("depends"))
     augment = None
     if tc.region_drop or tc.word_noise:
         augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
@@ -207,6 +213,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
             for batch in bar:
                 batch = batch.to(device)
                 extra = {} if batch.image_lengths is None else {"image_lengths": batch.image_lengths}
+                extra |= batch.extras(model.extra_inputs)
                 terms = model.training_loss(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)
                 loss = terms["loss"]
                 if not torch.isfinite(loss):

@@ -60,6 +60,7 @@ class RetrievalModel(nn.Module):
 
     margin: float = 0.2
     max_violation: bool = False
+    extra_inputs: tuple[str, ...] = ()  # per-batch inputs beyond features and ids (GSMN: "boxes", "depends")
 
     def encode_image(self, images: torch.Tensor) -> Encoded:
         raise NotImplementedError
