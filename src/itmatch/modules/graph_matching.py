@@ -112,11 +112,13 @@ class WordGraphKernels(nn.Module):
             n, support = a, valid[:, None, :].to(words.dtype).expand(b, L, L)
         else:
             masked = adjacency * a
-            n = masked / (masked.pow(2).sum(-1, keepdim=True).sqrt() + EPS)
+            n = masked / (torch.linalg.vector_norm(masked, dim=-1, keepdim=True) + EPS)
             support = adjacency
         w = n[..., None] * self.params.view(-1)  # (B, L, L, K)
-        w = w / w.sum(2, keepdim=True)
-        coef = (w * support[..., None]).sum(2)  # (B, L, K); rows of padded words are 0/0
+        denom = w.sum(2, keepdim=True)
+        # rows of padded words are all zero: divide them by 1, since a 0/0 even if masked poisons the gradient
+        denom = torch.where(valid[:, :, None, None], denom, torch.ones_like(denom))
+        coef = (w / denom * support[..., None]).sum(2)  # (B, L, K)
         return torch.where(valid[..., None], coef, torch.zeros_like(coef))
 
     def stacked_weight(self) -> torch.Tensor:
@@ -162,7 +164,7 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     s = F.leaky_relu(dots_b.sum(0), 0.1)  # (Ni, R, Nc, L)
 
     # Regions query words: normalise over regions, softmax over the caption's words.
-    x = s / (s.pow(2).sum(1, keepdim=True).sqrt() + EPS)
+    x = s / (torch.linalg.vector_norm(s, dim=1, keepdim=True) + EPS)  # norm's gradient at 0 is 0
     e = torch.exp(lambda_softmax * x) * vmask[None, None]
     alpha = e / e.sum(-1, keepdim=True)  # (Ni, R, Nc, L)
     num = (dots_b * alpha).sum(-1)  # (K, Ni, R, Nc)
@@ -178,7 +180,7 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     score_v = node.mean(-1).T  # (Ni, Nc)
 
     # Words query regions: normalise over the caption's words, softmax over regions.
-    x = s / (s.pow(2).sum(-1, keepdim=True).sqrt() + EPS)
+    x = s / (torch.linalg.vector_norm(s, dim=-1, keepdim=True) + EPS)
     e = torch.exp(lambda_softmax * x)
     alpha = e / e.sum(1, keepdim=True)  # (Ni, R, Nc, L)
     num = (dots_b * alpha).sum(2)  # (K, Ni, Nc, L)
