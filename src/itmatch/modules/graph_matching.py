@@ -162,11 +162,13 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     wb = captions.reshape(nc * L, n_blocks, blk).permute(1, 2, 0)  # (K, blk, Nc*L)
     dots_b = torch.bmm(vb, wb).view(n_blocks, ni, r, nc, L)  # per-block region-word dot products
     s = F.leaky_relu(dots_b.sum(0), 0.1)  # (Ni, R, Nc, L)
+    # without autograd the last reader of dots_b may overwrite it (memory traffic bounds this part on CPUs)
+    inplace = not (torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad))
 
     # Regions query words: normalise over regions, softmax over the caption's words.
     x = s / (torch.linalg.vector_norm(s, dim=1, keepdim=True) + EPS)  # norm's gradient at 0 is 0
     e = torch.exp(lambda_softmax * x) * vmask[None, None]
-    alpha = e / e.sum(-1, keepdim=True)  # (Ni, R, Nc, L)
+    alpha = e.div_(e.sum(-1, keepdim=True)) if inplace else e / e.sum(-1, keepdim=True)  # (Ni, R, Nc, L)
     num = (dots_b * alpha).sum(-1)  # (K, Ni, R, Nc)
     cb = captions.reshape(nc, L, n_blocks, blk).transpose(1, 2)  # (Nc, K, L, blk)
     gram_w = cb @ cb.transpose(-1, -2)  # (Nc, K, L, L) per-caption per-block Gram matrices
@@ -182,8 +184,8 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     # Words query regions: normalise over the caption's words, softmax over regions.
     x = s / (torch.linalg.vector_norm(s, dim=-1, keepdim=True) + EPS)
     e = torch.exp(lambda_softmax * x)
-    alpha = e / e.sum(1, keepdim=True)  # (Ni, R, Nc, L)
-    num = (dots_b * alpha).sum(2)  # (K, Ni, Nc, L)
+    alpha = e.div_(e.sum(1, keepdim=True)) if inplace else e / e.sum(1, keepdim=True)  # (Ni, R, Nc, L)
+    num = (dots_b.mul_(alpha) if inplace else dots_b * alpha).sum(2)  # (K, Ni, Nc, L)
     ib = images.reshape(ni, r, n_blocks, blk).transpose(1, 2)  # (Ni, K, R, blk)
     gram_v = (ib @ ib.transpose(-1, -2)).reshape(ni, n_blocks * r, r)  # (Ni, K*R, R)
     a_i = alpha.reshape(ni, r, nc * L)
