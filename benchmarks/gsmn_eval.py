@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference port lives in tests/
 
+from tests.gsmn_reference import reference_scores  # noqa: E402
+
 from itmatch.models.base import Encoded  # noqa: E402
 from itmatch.models.gsmn import GsmnConfig, build  # noqa: E402
-from tests.gsmn_reference import reference_scores  # noqa: E402
 
 REGIONS, DIM, F30K_PAIRS = 36, 1024, 1000 * 5000
 
