@@ -26,6 +26,7 @@ ROWS = [
     ("HREM, MiniLM", "hrem_synth_minilm", []),
     ("VSRN", "vsrn_synth", []),
     ("VSRN, no caption branch", "vsrn_synth", ["model.caption_loss_weight=0"]),
+    ("GSMN sparse", "gsmn_synth_sparse", []),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 

@@ -134,7 +134,8 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
               batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
-              cxc: str = "", dtype: str = "float64", budget_mb: float | None = None) -> dict:
+              cxc: str = "", dtype: str = "float64", budget_mb: float | None = None, box_compat: bool = False,
+              compat_batch_size: int = 64) -> dict:
     import torch
 
     from itmatch.checkpoints.loader import load_model
@@ -152,6 +153,8 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
             raise ItmatchError(f"{path} does not record its dataset; pass --data DIR")
         root = resolve_root(data or loaded.config.data.path, split)
         split_data = PrecompSplit(root, split)
+        if box_compat and "boxes" not in getattr(loaded.model, "extra_inputs", ()):
+            raise ItmatchError(f"{path}: --box-compat applies to GSMN models only ({loaded.config.model.name})")
         if budget_mb is not None and hasattr(loaded.model, "budget_mb"):
             loaded.model.budget_mb = budget_mb
         if cxc:
@@ -159,7 +162,8 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
                                      device=device, progress=progress)
         else:
             sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                                progress=progress, dtype=getattr(torch, dtype))
+                                progress=progress, dtype=getattr(torch, dtype), box_compat=box_compat,
+                                compat_batch_size=compat_batch_size, fold5=fold5)
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -199,7 +203,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
                         batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
                         bert_path=args.bert_path or "", cxc=args.cxc or "", dtype=args.dtype,
-                        budget_mb=args.memory_budget)
+                        budget_mb=args.memory_budget, box_compat=args.box_compat,
+                        compat_batch_size=args.box_compat_batch)
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
     print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
     if "cxc" in results:
@@ -291,6 +296,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
     e.add_argument("--memory-budget", type=float, metavar="MB",
                    help="memory for cross-attention intermediates per tile (changes speed, never scores)")
+    e.add_argument("--box-compat", action="store_true",
+                   help="GSMN: score with the original's box geometry (cumulative in-place division, row aliasing, "
+                        "w/h swap of the release) to reproduce its numbers for its released checkpoints")
+    e.add_argument("--box-compat-batch", type=int, default=64, metavar="N",
+                   help="the original's eval batch size (opt.batch_size: 64 for F30K, 32 for COCO releases)")
     e.set_defaults(run=_cmd_eval)
 
     d = sub.add_parser("data", help="create, check and convert datasets")

@@ -239,7 +239,13 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     perm = None
     if dc.shuffle_captions:
         perm = np.random.default_rng(tc.seed).permutation(train_split.n_captions)
-    dataset = CaptionDataset(train_split, vocab, caption_perm=perm)
+    graph: dict = {}
+    if model.extra_inputs:
+        from itmatch.data.gsmn_files import model_inputs
+
+        graph = model_inputs(train_split, cfg.model)
+    dataset = CaptionDataset(train_split, vocab, caption_perm=perm, tokens=graph.get("tokens"),
+                             boxes=graph.get("boxes"), depends=graph.get("depends"))
     augment = None
     if tc.region_drop or tc.word_noise:
         augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
@@ -294,6 +300,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                     extra["image_lengths"] = batch.image_lengths
                 if wants_ids:
                     extra["image_ids"] = batch.image_ids
+                extra |= batch.extras(model.extra_inputs)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     terms = trainer(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)
                 loss = terms["loss"].float()

@@ -64,6 +64,7 @@ class RetrievalModel(nn.Module):
     # training_loss mines negatives over `global_batch` embeddings, so torchrun training equals one process on the
     # concatenated batch; a method whose loss needs more of the batch (per-word features) sets this False.
     global_batch_loss: bool = True
+    extra_inputs: tuple[str, ...] = ()  # per-batch inputs beyond features and ids (GSMN: "boxes", "depends")
 
     def encode_image(self, images: torch.Tensor) -> Encoded:
         raise NotImplementedError
