@@ -118,12 +118,16 @@ class GalleryIndex:
     ids: list[Any]  # one per gallery row (image ids, caption numbers, ...)
     meta: dict[str, Any] = field(default_factory=dict)  # modality, model, data, ... (JSON-able)
 
+    def __post_init__(self) -> None:
+        # read once: each attribute read of a SWIG object costs about a microsecond, per query
+        self._dim, self._ntotal = int(self.index.d), int(self.index.ntotal)
+
     @property
     def dim(self) -> int:
-        return int(self.index.d)
+        return self._dim
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return self._ntotal
 
     @classmethod
     def build(cls, vectors: np.ndarray | Sequence[np.ndarray], ids: Sequence[Any] | None = None,
@@ -166,8 +170,10 @@ class GalleryIndex:
         """(scores, rows), each (B, k'), best first, k' = min(k, gallery size); a 1-d query is a batch of one."""
         if k <= 0:
             raise GalleryIndexError(f"k must be > 0, got {k}")
-        scores, rows = self.index.search(as_queries(queries, self.dim), min(k, len(self)))
-        return scores, rows
+        if not (isinstance(queries, np.ndarray) and queries.dtype == np.float32 and queries.ndim == 2
+                and queries.shape[1] == self._dim and queries.flags.c_contiguous):
+            queries = as_queries(queries, self._dim)
+        return self.index.search(queries, min(k, self._ntotal))
 
     def ids_of(self, rows: np.ndarray) -> list[list[Any]]:
         """Gallery ids for a (B, k) array of rows (FAISS marks missing results, from IVF/HNSW, with -1)."""
