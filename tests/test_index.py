@@ -17,7 +17,7 @@ from itmatch.data.tokenizers import text_tokenizer, vocab_words
 from itmatch.data.vocab import load_vocab
 from itmatch.errors import GalleryIndexError
 from itmatch.index import GalleryIndex, IndexSpec
-from itmatch.inference import compute_sims
+from itmatch.inference import compute_sims, encode_captions, encode_images, similarity_matrix
 from itmatch.registry import create_model
 from itmatch.search import Searcher, build_index
 from tests.test_cli import assert_one_line_error, run_cli
@@ -50,6 +50,17 @@ def scan(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def brute_force(ckpt: Path, data: Path) -> np.ndarray:
     loaded = load_model(ckpt)
     return compute_sims(loaded.model, PrecompSplit(data, "test"), loaded.vocab)  # (n_images, n_captions) float64
+
+
+def cross_attention_scores(ckpt: Path, data: Path, n_images: int, n_captions: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (all images, first n_captions) and (first n_images, all captions) blocks of a model's similarity matrix."""
+    loaded = load_model(ckpt)
+    split = PrecompSplit(data, "test")
+    images = encode_images(loaded.model, split)
+    tokens = [loaded.vocab.encode(c) for c in split.captions]
+    few, every = encode_captions(loaded.model, tokens[:n_captions]), encode_captions(loaded.model, tokens)
+    return (similarity_matrix(loaded.model, images, few),
+            similarity_matrix(loaded.model, images.rows(0, n_images), every))
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -132,27 +143,27 @@ def test_a_cross_attention_model_is_refused_as_an_index_and_named_as_a_reranker(
 def test_reranking_with_scan_is_scans_ranking_of_the_candidates(synth_data: Path, vsepp: Path, scan: Path,
                                                                  tmp_path: Path) -> None:
     split = PrecompSplit(synth_data, "test")
-    scan_sims = brute_force(scan, synth_data)
+    by_caption, by_image = cross_attention_scores(scan, synth_data, n_images=2, n_captions=8)
     build_index(vsepp, synth_data, gallery="images", out=tmp_path / "images")
     queries = split.captions[:8]
     k = 5
     # every image a candidate: the two-stage result is SCAN's exhaustive top k
     full = Searcher.open(tmp_path / "images", rerank=scan, candidates=split.n_images).search_text(queries, k=k)
-    assert_top_k(full, scan_sims.T[:8], k)
+    assert_top_k(full, by_caption.T, k)
     # 15 candidates: SCAN's order among the embedding model's top 15
     stage_one = Searcher.open(tmp_path / "images").search_text(queries, k=15)
     two_stage = Searcher.open(tmp_path / "images", rerank=scan, candidates=15).search_text(queries, k=k)
     for q, (first, second) in enumerate(zip(stage_one, two_stage, strict=True)):
         rows = [h.row for h in first]
-        expected = sorted(rows, key=lambda r: -scan_sims[r, q])[:k]
-        np.testing.assert_allclose([h.score for h in second], scan_sims[expected, q], atol=1e-5)
+        expected = sorted(rows, key=lambda r: -by_caption[r, q])[:k]
+        np.testing.assert_allclose([h.score for h in second], by_caption[expected, q], atol=1e-5)
         assert set(h.row for h in second) <= set(rows)
         assert all(h.first_score is not None for h in second)
 
     build_index(vsepp, synth_data, gallery="captions", out=tmp_path / "captions")
     hits = Searcher.open(tmp_path / "captions", rerank=scan, candidates=split.n_captions).search_image(
         split.images[np.arange(2)], k=k)
-    assert_top_k(hits, scan_sims[:2], k)
+    assert_top_k(hits, by_image, k)
 
 
 def test_cli_prints_ranked_results(synth_data: Path, vsepp: Path, tmp_path: Path, capsys) -> None:
