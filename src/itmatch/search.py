@@ -104,11 +104,15 @@ def build_index(ckpt: str | os.PathLike, data: str | os.PathLike, *, split: str 
     }
     if gallery == "images":
         rows = image_rows(split_data)
+        with torch.inference_mode():  # refuse a cross-attention model before encoding the whole gallery
+            first = torch.from_numpy(np.asarray(split_data.images[rows[:1]], dtype=np.float32)).to(device)
+            _require_pooled(loaded.model.encode_image(first), loaded, ckpt)
         encoded = encode_images(loaded.model, split_data, batch_size=batch_size, device=device, progress=progress)
         ids = [split_data.ids[r] if split_data.ids else r for r in rows]
         meta["feature_rows"] = rows
     else:
         tokens = [loaded.vocab.encode(c) for c in split_data.captions]
+        _require_pooled(encode_captions(loaded.model, tokens[:1], device=device), loaded, ckpt)
         encoded = encode_captions(loaded.model, tokens, batch_size=batch_size, device=device, progress=progress)
         ids = list(range(split_data.n_captions))
         meta["texts"] = list(split_data.captions)
@@ -122,7 +126,7 @@ def build_index(ckpt: str | os.PathLike, data: str | os.PathLike, *, split: str 
 
 
 def _require_pooled(encoded: Encoded, loaded: LoadedModel, ckpt: str | os.PathLike) -> None:
-    if encoded.emb.ndim != 2:
+    if encoded.emb.ndim != 2 or encoded.lengths is not None or encoded.offsets is not None:
         name = loaded.config.model.name
         raise GalleryIndexError(
             f"{ckpt}: {name} scores pairs with cross-attention over per-region/per-word features, which an index "
