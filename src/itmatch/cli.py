@@ -138,9 +138,10 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
     import torch
 
     from itmatch.checkpoints.loader import load_model
-    from itmatch.data.precomp import PrecompSplit, resolve_root
+    from itmatch.data.precomp import resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
     from itmatch.inference import compute_sims
+    from itmatch.train import open_split
 
     if cxc and len(ckpts) != 1:
         raise ItmatchError("--cxc evaluates one model (its image-image and text-text rankings need embeddings)")
@@ -151,7 +152,7 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
         if not (data or loaded.config.data.path):
             raise ItmatchError(f"{path} does not record its dataset; pass --data DIR")
         root = resolve_root(data or loaded.config.data.path, split)
-        split_data = PrecompSplit(root, split)
+        split_data = open_split(loaded.config, root, split)
         if budget_mb is not None and hasattr(loaded.model, "budget_mb"):
             loaded.model.budget_mb = budget_mb
         if cxc:

@@ -114,6 +114,8 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
                 f"{model_cfg.vocab_size} words; pass the vocabulary the model was trained with"
             )
         cfg = Config(model=model_cfg)
+    if getattr(cfg.model, "backbone_weights", ""):  # initial CNN weights: the checkpoint's replace them
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone_weights=""))
     model = create_model(cfg.model, device=device)
     load_state_strict(model, state, str(path))
     model.eval()

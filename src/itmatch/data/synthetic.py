@@ -994,7 +994,8 @@ def generate(
     """Write the dataset to `out` (created if missing) and return {split: n_images}.
 
     Splits of size 0, or missing from a given `sizes`, are not written. `render` also draws every image to
-    `out/images/{id}.png`; `progress` shows a progress bar over images.
+    `out/images/{id}.png` and writes `out/id_mapping.json`, so that `out` is also a raw-image dataset
+    (`data.source = "images"`); `progress` shows a progress bar over images.
     """
     from tqdm import tqdm
 
@@ -1039,4 +1040,7 @@ def generate(
                 render=render,
                 bar=bar,
             )
+    if render:  # the raw-image layout of VSE-infinity: id -> file under images/
+        mapping = {i: f"{i}.png" for split in counts for i in (root / f"{split}_ids.txt").read_text().split()}
+        (root / "id_mapping.json").write_text(json.dumps(mapping) + "\n", encoding="utf-8")
     return counts

@@ -19,6 +19,7 @@ overridden); `set_fixed_blocks(k)` is upstream's stage-wise unfreezing (4: all f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -86,11 +87,11 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Bottleneck ResNet/ResNeXt with torchvision's names; `num_classes=0` leaves out the classifier `fc`."""
 
-    def __init__(self, spec: ResNetSpec, *, num_classes: int = 0, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, spec: ResNetSpec, *, num_classes: int = 0, frozen_bn: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.spec = spec
+        self.spec, self.frozen_bn = spec, frozen_bn
         w = spec.stem_width
         self.conv1 = nn.Conv2d(3, w, 7, stride=2, padding=3, bias=False, **dd)
         self.bn1 = nn.BatchNorm2d(w, **dd)
@@ -136,8 +137,11 @@ class ResNet(nn.Module):
         return self.fc(self.feature_map(images).mean(dim=(2, 3)))
 
     def train(self, mode: bool = True) -> ResNet:
-        """Train the convolutions but keep every BatchNorm on its running statistics (upstream freezes them)."""
+        """Train the convolutions but keep every BatchNorm on its running statistics (upstream freezes them;
+        `frozen_bn=False` lets them train, which a network trained from scratch needs)."""
         super().train(mode)
+        if not self.frozen_bn:
+            return self
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
@@ -169,11 +173,39 @@ class ResNet(nn.Module):
         return list(self.layer4.parameters())
 
 
-def create_backbone(name: str, *, num_classes: int = 0, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> ResNet:
+def create_backbone(name: str, *, num_classes: int = 0, frozen_bn: bool = True,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ResNet:
     if name not in SPECS:
         raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(SPECS)}")
-    return ResNet(SPECS[name], num_classes=num_classes, device=device, dtype=dtype)
+    return ResNet(SPECS[name], num_classes=num_classes, frozen_bn=frozen_bn, device=device, dtype=dtype)
+
+
+def load_backbone_weights(model: ResNet, path: str | os.PathLike) -> None:
+    """Load ImageNet/WSL weights (a torchvision-layout state dict, optionally under 'state_dict' or with a
+    `module.` prefix) or the BUTD {'base', 'top'} file into `model`, strictly; a classifier the model lacks
+    (`fc.*`) is dropped."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"backbone weights not found: {path}") from None
+    except Exception as err:  # torch raises many types for unreadable files
+        raise CheckpointError(f"{path}: cannot read backbone weights ({type(err).__name__}: {err})") from None
+    if isinstance(ckpt, Mapping) and set(ckpt) == {"base", "top"}:
+        state = butd_state_dict(ckpt)
+    else:
+        if isinstance(ckpt, Mapping) and isinstance(ckpt.get("state_dict"), Mapping):
+            ckpt = ckpt["state_dict"]
+        if not isinstance(ckpt, Mapping):
+            raise CheckpointError(f"{path}: expected a state dict of a ResNet")
+        state = {k.removeprefix("module."): v for k, v in ckpt.items()}
+        if model.fc is None:
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: backbone weights do not fit {type(model).__name__} (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}); is it the right architecture?")
+    model.load_state_dict(state, strict=True)
 
 
 _BUTD_BASE = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3"}
