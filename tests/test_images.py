@@ -152,3 +152,15 @@ def test_synthetic_render_is_a_raw_image_dataset(tmp_path: Path) -> None:
     split = ImageSplit(tmp_path, "test", input_scale_factor=0.125)
     assert split.n_images == 2 and split.images[np.array([0, 1])].shape == (2, 3, 32, 32)
     assert split.images.paths[0].parent == tmp_path / "images"
+
+
+def test_rendering_leaves_the_other_files_unchanged(tmp_path: Path) -> None:
+    from itmatch.data.synthetic import generate
+
+    sizes = {"train": 3, "dev": 2, "test": 2}
+    generate(tmp_path / "plain", seed=1, dim=8, sizes=sizes)
+    generate(tmp_path / "render", seed=1, dim=8, sizes=sizes, render=True)
+    plain = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert sorted(p.name for p in (tmp_path / "render").iterdir()) == sorted([*plain, "images", "id_mapping.json"])
+    for name in plain:
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "render" / name).read_bytes(), name
