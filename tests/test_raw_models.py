@@ -69,6 +69,21 @@ def test_backbone_unfreezing_schedule(epoch: int, warmup: int, windows: int, fix
     assert backbone_fixed_blocks(epoch, warmup, windows) == fixed
 
 
+def test_loss_warm_up_in_the_first_backbone_epoch() -> None:
+    model = grid_model(embedding_warmup_epochs=1)
+    images, captions, lengths = batch()
+    model.eval()  # no grid augmentation: the same loss every call
+    losses = {}
+    for epoch, step in [(0, 3), (1, 0), (1, 3), (2, 3)]:
+        model.on_epoch_start(epoch)
+        model.on_step_start(step, 4)
+        with torch.no_grad():
+            losses[epoch, step] = float(model.training_loss(images, captions, lengths, epoch=epoch)["loss"])
+    assert losses[1, 0] == 0.0
+    assert losses[1, 3] == pytest.approx(0.75 * losses[2, 3])  # step 3 of 4 in the first backbone epoch
+    assert losses[0, 3] == pytest.approx(losses[2, 3])  # unscaled before and after
+
+
 def test_grid_optimizer_groups() -> None:
     model = grid_model(backbone_lr_factor=0.01)
     opt = model.make_optimizer(1e-3)

@@ -299,6 +299,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                        disable=not (progress and info.is_main), leave=False)
             for batch in bar:
                 batch = batch.to(device)
+                model.on_step_start(state.step_in_epoch, len(batches))
                 extra = {} if batch.image_lengths is None else {"image_lengths": batch.image_lengths}
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     terms = trainer(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)

@@ -172,6 +172,7 @@ class VseInfinity(RetrievalModel):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self._epoch, self.loss_scale = -1, 1.0  # set by the training hooks
         dd = {"device": device, "dtype": dtype}
         self.img_enc: nn.Module
         if cfg.backbone:
@@ -213,6 +214,19 @@ class VseInfinity(RetrievalModel):
         if self.cfg.backbone:
             self.img_enc.backbone.set_fixed_blocks(backbone_fixed_blocks(
                 epoch, self.cfg.embedding_warmup_epochs, self.cfg.backbone_warmup_epochs))
+        self._epoch = epoch
+
+    def on_step_start(self, step: int, steps: int) -> None:
+        # Upstream train.py, grid models: in the epoch the backbone starts training, the loss is scaled by
+        # i / (len(dataset) // batch_size + 1) at iteration i (its "linear warm-up"; with AdamW it acts through
+        # gradient clipping). `steps` is our epoch length, ceil(len / batch), upstream's divisor when len % batch.
+        warm = bool(self.cfg.backbone) and self._epoch == self.cfg.embedding_warmup_epochs
+        self.loss_scale = step / steps if warm else 1.0
+
+    def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, epoch: int,
+                      image_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        terms = super().training_loss(images, captions, lengths, epoch=epoch, image_lengths=image_lengths)
+        return terms if self.loss_scale == 1.0 else {**terms, "loss": terms["loss"] * self.loss_scale}
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """AdamW as upstream: bert branch groups (text w/o BERT lr, BERT 0.1 lr, image lr) with weight decay 1e-4;
