@@ -141,3 +141,15 @@ def test_source_and_backbone_must_agree(rendered: Path, tmp_path: Path) -> None:
     cfg = load_preset("vse_infinity_synth_bigru", [f"data.path={json.dumps(str(rendered))}", "data.source='images'"])
     with pytest.raises(ConfigError, match="model.backbone"):
         fit(cfg, tmp_path / "b")
+
+
+def test_demo_extended_mode_trains_on_the_rendered_scenes(rendered: Path, tmp_path: Path, capsys) -> None:
+    from itmatch.cli import main
+
+    sets = ["data.input_scale_factor=0.125", "data.batch_size=8", "train.epochs=1", "data.train_images=0",
+            "model.embed_dim=16"]
+    code = main(["-q", "demo", "--raw", "--data", str(rendered), "--out", str(tmp_path / "demo"),
+                 *[a for s in sets for a in ("--set", s)]])
+    assert code == 0, capsys.readouterr().err
+    assert "VSE-infinity grid on the rendered test scenes" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "raw" / "report.json").is_file()
