@@ -24,8 +24,10 @@ ROWS = [
     ("SCAN t2i AVG", "scan_synth_t2i_avg", []),
     ("VSE-infinity, BiGRU", "vse_infinity_synth_bigru", []),
     ("VSE-infinity, MiniLM", "vse_infinity_synth_minilm", []),
+    ("HREM, MiniLM", "hrem_synth_minilm", []),
     ("VSRN", "vsrn_synth", []),
     ("VSRN, no caption branch", "vsrn_synth", ["model.caption_loss_weight=0"]),
+    ("GSMN sparse", "gsmn_synth_sparse", []),
     ("VSE-infinity grid, tiny ResNet from scratch (raw images)", "vse_infinity_synth_grid", []),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"

@@ -88,12 +88,14 @@ def test_torchrun_training_writes_from_rank_0_only_and_resumes(tiny_data: Path, 
 
 
 def test_only_dot_product_models_mine_negatives_over_the_global_batch() -> None:
+    from itmatch.models.hrem import Hrem
     from itmatch.models.scan import Scan
     from itmatch.models.vse_infinity import VseInfinity
     from itmatch.models.vsepp import Vsepp
     from itmatch.models.vsrn import Vsrn
 
-    assert [m.is_embedding_model() for m in (Vsepp, VseInfinity, Vsrn, Scan)] == [True, True, True, False]
+    assert [m.is_embedding_model() for m in (Vsepp, VseInfinity, Vsrn, Hrem, Scan)] == [True] * 4 + [False]
+    assert [m.trains_distributed() for m in (Vsepp, VseInfinity, Vsrn, Hrem, Scan)] == [True] * 3 + [False] * 2
 
 
 def test_bf16_autocast_trains_and_fp16_needs_a_gpu(tiny_data: Path, tmp_path: Path) -> None:

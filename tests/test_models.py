@@ -12,10 +12,12 @@ from itmatch.registry import create_model, list_models, model_entry
 VOCAB, IMAGE_DIM, REGIONS = 30, 12, 5
 
 
-def tiny_model(name: str) -> torch.nn.Module:
+def tiny_model(name: str, bert_path: str = "") -> torch.nn.Module:
     cfg = model_entry(name).config_cls()
     fields = {f.name for f in dataclasses.fields(cfg)}
-    small = {"vocab_size": VOCAB, "image_dim": IMAGE_DIM, "embed_dim": 16, "word_dim": 8}
+    small = {"vocab_size": VOCAB, "image_dim": IMAGE_DIM, "embed_dim": 16, "word_dim": 8, "bert_path": bert_path,
+             # HREM: 2 heads for 16 dims, top-3 of the 5 regions, its relation graph on from the first step
+             "nhead": 2, "relation_topk": 3, "warmup_iterations": 0}
     torch.manual_seed(0)
     return create_model(dataclasses.replace(cfg, **{k: v for k, v in small.items() if k in fields}))
 
@@ -29,20 +31,33 @@ def tiny_batch(b: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
     return images, captions, lengths
 
 
+def tiny_extras(model: torch.nn.Module, lengths: torch.Tensor) -> dict:
+    """The per-image/per-caption inputs a model declares in `extra_inputs` (GSMN: boxes, dependency pairs)."""
+    gen = torch.Generator().manual_seed(1)
+    xy = torch.rand(len(lengths), REGIONS, 2, generator=gen) * 0.7
+    extras = {"boxes": torch.cat([xy, xy + 0.2], -1),
+              "depends": [[[0, 1]] + [[k, k + 1] for k in range(1, n - 1)] for n in lengths.tolist()]}
+    return {k: extras[k] for k in getattr(model, "extra_inputs", ())}
+
+
 @pytest.mark.parametrize("name", list_models())
-def test_every_parameter_gets_a_gradient(name: str) -> None:
-    model = tiny_model(name)
+def test_every_parameter_gets_a_gradient(name: str, tiny_bert) -> None:
+    model = tiny_model(name, str(tiny_bert))
     images, captions, lengths = tiny_batch()
-    sims = model.similarity(model.encode_image(images), model.encode_text(captions, lengths))
+    extra = tiny_extras(model, lengths)
+    image_extra = {k: v for k, v in extra.items() if k == "boxes"}
+    text_extra = {k: v for k, v in extra.items() if k == "depends"}
+    sims = model.similarity(model.encode_image(images, **image_extra),
+                            model.encode_text(captions, lengths, **text_extra))
     assert sims.shape == (6, 6)
-    model.training_loss(images, captions, lengths, epoch=0)["loss"].backward()  # training-only parts included
+    model.training_loss(images, captions, lengths, epoch=0, **extra)["loss"].backward()  # training-only parts included
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"{name}: no gradient for {missing[:3]}"
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_padding_never_changes_text_embeddings(name: str) -> None:
-    model = tiny_model(name).eval()
+def test_padding_never_changes_text_embeddings(name: str, tiny_bert) -> None:
+    model = tiny_model(name, str(tiny_bert)).eval()
     _, captions, lengths = tiny_batch()
     padded = torch.cat([captions, torch.zeros(len(captions), 7, dtype=torch.long)], dim=1)
     with torch.no_grad():

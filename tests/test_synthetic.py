@@ -53,6 +53,7 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(f30k: Path, tmp_
     first, second = _files(f30k), _files(again)
     assert sorted(first) == sorted(
         [f"{s}_{k}" for s in SIZES for k in ("ims.npy", "boxes.npy", "caps.txt", "ids.txt")] + ["scenes.jsonl"]
+        + [f"{s}_{k}" for s in SIZES for k in ("ims_bbx.npy", "ims_size.npy", "caps.json", "precaps_stan.txt")]
     )
     assert first == second
     other = tmp_path / "other"

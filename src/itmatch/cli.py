@@ -134,7 +134,8 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
               batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
-              cxc: str = "", dtype: str = "float64", budget_mb: float | None = None) -> dict:
+              cxc: str = "", dtype: str = "float64", budget_mb: float | None = None, box_compat: bool = False,
+              compat_batch_size: int = 64) -> dict:
     import torch
 
     from itmatch.checkpoints.loader import load_model
@@ -153,6 +154,8 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
             raise ItmatchError(f"{path} does not record its dataset; pass --data DIR")
         root = resolve_root(data or loaded.config.data.path, split)
         split_data = open_split(loaded.config, root, split)
+        if box_compat and "boxes" not in getattr(loaded.model, "extra_inputs", ()):
+            raise ItmatchError(f"{path}: --box-compat applies to GSMN models only ({loaded.config.model.name})")
         if budget_mb is not None and hasattr(loaded.model, "budget_mb"):
             loaded.model.budget_mb = budget_mb
         if cxc:
@@ -160,7 +163,8 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
                                      device=device, progress=progress)
         else:
             sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                                progress=progress, dtype=getattr(torch, dtype))
+                                progress=progress, dtype=getattr(torch, dtype), box_compat=box_compat,
+                                compat_batch_size=compat_batch_size, fold5=fold5)
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -200,7 +204,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
                         batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
                         bert_path=args.bert_path or "", cxc=args.cxc or "", dtype=args.dtype,
-                        budget_mb=args.memory_budget)
+                        budget_mb=args.memory_budget, box_compat=args.box_compat,
+                        compat_batch_size=args.box_compat_batch)
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
     print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
     if "cxc" in results:
@@ -212,6 +217,76 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.plot:
         plot_recall_curves({"model" if len(args.ckpt) == 1 else "ensemble": results["curve"]}, args.plot)
         print(f"recall curves written to {args.plot}")
+    return 0
+
+
+
+# --------------------------------------------------------------------------------------------------- search
+def _index_spec(args: argparse.Namespace):
+    from itmatch.index import IndexSpec
+
+    return IndexSpec(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, train_size=args.train_size, m=args.m,
+                     ef_construction=args.ef_construction, ef_search=args.ef_search)
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from itmatch.search import build_index
+
+    started = time.perf_counter()
+    index = build_index(args.ckpt, args.data, split=args.split, gallery=args.gallery, spec=_index_spec(args),
+                        out=args.out, batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
+                        bert_path=args.bert_path or "", progress=_progress(args))
+    print(f"indexed {len(index)} {args.gallery} ({index.dim}-d, {index.meta['model']['name']}, {args.kind}) "
+          f"from {args.data} [{args.split}] into {args.out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from itmatch.search import Searcher
+
+    queries = sum(x is not None and x != [] for x in (args.text, args.image, args.image_features))
+    if queries != 1:
+        raise ItmatchError("search needs exactly one of --text TEXT (repeatable), --image ID, --image-features FILE")
+    searcher = Searcher.open(args.index, ckpt=args.ckpt, rerank=args.rerank, candidates=args.candidates,
+                             data=args.data, device=args.device, vocab=args.vocab or "", bert_path=args.bert_path or "",
+                             nprobe=args.nprobe, ef_search=args.ef_search)
+    if args.text:
+        labels, results = [repr(t) for t in args.text], searcher.search_text(args.text, k=args.k)
+    else:
+        searcher.require_gallery("captions")
+        if args.image is not None:
+            feats = searcher.image_features(args.image, data=args.data, split=args.split)
+            labels = [f"image {args.image}"]
+        else:
+            import numpy as np
+
+            try:
+                feats = np.load(args.image_features, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise ItmatchError(f"{args.image_features}: not a readable .npy array ({err})") from None
+            labels = [args.image_features]
+        results = searcher.search_image(feats, k=args.k)
+        labels = labels if len(results) == 1 else [f"{labels[0]}[{i}]" for i in range(len(results))]
+    if args.json:
+        import dataclasses
+
+        print(json.dumps([{"query": q, "hits": [dataclasses.asdict(h) for h in hits]}
+                          for q, hits in zip(labels, results, strict=True)], indent=2))
+        return 0
+    meta = searcher.index.meta
+    how = f"{meta['model']['name']}, {searcher.index.spec.kind} index"
+    if searcher.reranker is not None:
+        how += f", re-ranked by {searcher.reranker.config.model.name} from the top {searcher.candidates}"
+    for label, hits in zip(labels, results, strict=True):
+        print(f"{label} -> top {len(hits)} of {len(searcher.index)} {searcher.modality} ({how})")
+        if searcher.modality == "images":
+            print(f"{'rank':>4}  {'score':>8}  image id")
+            for h in hits:
+                print(f"{h.rank:>4}  {h.score:8.4f}  {h.id}")
+        else:
+            print(f"{'rank':>4}  {'score':>8}  {'caption':>7}  {'image':>6}  text")
+            for h in hits:
+                print(f"{h.rank:>4}  {h.score:8.4f}  {h.id:>7}  {h.image_id!s:>6}  {h.text}")
     return 0
 
 
@@ -345,6 +420,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
     e.add_argument("--memory-budget", type=float, metavar="MB",
                    help="memory for cross-attention intermediates per tile (changes speed, never scores)")
+    e.add_argument("--box-compat", action="store_true",
+                   help="GSMN: score with the original's box geometry (cumulative in-place division, row aliasing, "
+                        "w/h swap of the release) to reproduce its numbers for its released checkpoints")
+    e.add_argument("--box-compat-batch", type=int, default=64, metavar="N",
+                   help="the original's eval batch size (opt.batch_size: 64 for F30K, 32 for COCO releases)")
     e.set_defaults(run=_cmd_eval)
 
     d = sub.add_parser("data", help="create, check and convert datasets")
@@ -371,6 +451,49 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--threshold", type=int, default=4)
     v.add_argument("--out", help="output path (default DIR/vocab.json)")
     v.set_defaults(run=_cmd_vocab)
+
+    ix = sub.add_parser("index", help="build a retrieval index of a gallery (FAISS)")
+    ixsub = ix.add_subparsers(dest="index_command", required=True, parser_class=_Parser)
+    ib = ixsub.add_parser("build", help="encode a split's images or captions with an embedding model into an index")
+    ib.add_argument("ckpt", help="checkpoint of an embedding model (vsepp, vse_infinity, vsrn, hrem)")
+    ib.add_argument("--data", required=True, help="dataset directory")
+    ib.add_argument("--split", default="test")
+    ib.add_argument("--gallery", choices=("images", "captions"), default="images",
+                    help="what to index: images (text -> image search) or captions (image -> text)")
+    ib.add_argument("--out", required=True, help="index directory to write (index.faiss + meta.json)")
+    ib.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat",
+                    help="flat: exact inner product (default); ivf / hnsw: approximate, faster on large galleries")
+    ib.add_argument("--nlist", type=int, default=1024, help="ivf: number of k-means lists (about 4 sqrt(N))")
+    ib.add_argument("--nprobe", type=int, default=16, help="ivf: lists searched per query (default at search time)")
+    ib.add_argument("--train-size", type=int, default=0, help="ivf: k-means sample (default min(N, 64 nlist))")
+    ib.add_argument("--m", type=int, default=32, help="hnsw: links per node")
+    ib.add_argument("--ef-construction", type=int, default=40, help="hnsw: candidate list while building")
+    ib.add_argument("--ef-search", type=int, default=64, help="hnsw: candidate list while searching")
+    ib.add_argument("--batch-size", type=int, default=128)
+    ib.add_argument("--device", default="cpu")
+    ib.add_argument("--vocab", help="vocabulary JSON of an original checkpoint (default: found next to --data)")
+    ib.add_argument("--bert-path", help="BERT directory of an original BERT checkpoint")
+    ib.set_defaults(run=_cmd_index_build)
+
+    se = sub.add_parser("search", help="query an index with text (image index) or an image (caption index)")
+    se.add_argument("index", help="index directory written by `itmatch index build`")
+    se.add_argument("--text", action="append", help="text query (repeat for several)")
+    se.add_argument("--image", help="image id of the dataset (`{split}_ids.txt`, else the row) as the query")
+    se.add_argument("--image-features", help=".npy of one image's features (regions x dim), or a batch")
+    se.add_argument("-k", type=int, default=10, help="results per query")
+    se.add_argument("--ckpt", help="model checkpoint (default: the one the index was built from; must match)")
+    se.add_argument("--rerank", metavar="CKPT",
+                    help="two-stage: re-rank the top --candidates with this model (SCAN, GSMN: cross-attention)")
+    se.add_argument("--candidates", type=int, default=100, help="stage-one results re-ranked by --rerank")
+    se.add_argument("--data", help="dataset directory (default: the index's) for --image and re-ranking images")
+    se.add_argument("--split", help="split of --image (default: the index's)")
+    se.add_argument("--nprobe", type=int, help="ivf: lists searched (default: as built)")
+    se.add_argument("--ef-search", type=int, help="hnsw: candidate list (default: as built)")
+    se.add_argument("--json", action="store_true", help="print the results as JSON")
+    se.add_argument("--device", default="cpu")
+    se.add_argument("--vocab", help="vocabulary JSON of an original checkpoint")
+    se.add_argument("--bert-path", help="BERT directory of an original BERT checkpoint")
+    se.set_defaults(run=_cmd_search)
 
     ei = sub.add_parser("encode-images", help="embed a folder of photos with a raw-image model (resumable)")
     ei.add_argument("dir", help="folder of images (searched recursively)")

@@ -41,6 +41,7 @@ class TrainConfig:
     epochs: int = 30
     lr: float = 2e-4
     lr_update: int = 15  # lr = lr0 * 0.1 ** (epoch // lr_update), set at the start of each epoch
+    lr_milestones: tuple[int, ...] = ()  # if given, lr x0.1 at each of these epochs instead (HREM: 15, 25)
     grad_clip: float = 2.0  # total-norm clip; <= 0 disables
     margin: float = 0.2
     max_violation: bool = True  # VSE++ hardest negative; False = VSE0 sum of violations

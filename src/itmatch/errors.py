@@ -23,3 +23,7 @@ class CheckpointError(ItmatchError):
 
 class TrainingError(ItmatchError):
     """Training cannot continue (for example a non-finite loss)."""
+
+
+class GalleryIndexError(ItmatchError):
+    """Missing, corrupt, stale or mismatched retrieval index (or a query that does not fit it)."""

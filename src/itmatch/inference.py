@@ -33,24 +33,32 @@ def image_rows(split: PrecompSplit) -> list[int]:
 
 @torch.inference_mode()
 def encode_images(model: RetrievalModel, split: PrecompSplit, *, batch_size: int = 128,
-                  device: torch.device | str = "cpu", progress: bool = False) -> Encoded:
-    """Encode each distinct image once (the originals encode it five times, once per caption)."""
+                  device: torch.device | str = "cpu", progress: bool = False,
+                  boxes: np.ndarray | None = None) -> Encoded:
+    """Encode each distinct image once (the originals encode it five times, once per caption).
+
+    `boxes` (n_images, R, 4), one row per distinct image, goes to models that take them (GSMN).
+    """
     rows = image_rows(split)
     parts = []
     for start in tqdm(range(0, len(rows), batch_size), desc="images", disable=not progress, leave=False):
         feats = torch.from_numpy(split.images[np.asarray(rows[start : start + batch_size])]).float()
-        parts.append(model.encode_image(feats.to(device)).to("cpu"))
+        extra = {} if boxes is None else {"boxes": torch.from_numpy(boxes[start : start + batch_size]).to(device)}
+        parts.append(model.encode_image(feats.to(device), **extra).to("cpu"))
     split.images.release()
     return _cat(parts)
 
 
 @torch.inference_mode()
 def encode_captions(model: RetrievalModel, tokens: Sequence[list[int]], *, batch_size: int = 128,
-                    device: torch.device | str = "cpu", progress: bool = False) -> Encoded:
+                    device: torch.device | str = "cpu", progress: bool = False,
+                    depends: Sequence | None = None) -> Encoded:
+    """Encode captions in batches; `depends` (per caption) goes to models that take dependency pairs (GSMN)."""
     parts = []
     for start in tqdm(range(0, len(tokens), batch_size), desc="captions", disable=not progress, leave=False):
         captions, lengths = pad_captions(list(tokens[start : start + batch_size]))
-        parts.append(model.encode_text(captions.to(device), lengths).to("cpu"))
+        extra = {} if depends is None else {"depends": depends[start : start + batch_size]}
+        parts.append(model.encode_text(captions.to(device), lengths, **extra).to("cpu"))
     return _cat(parts)
 
 
@@ -71,24 +79,39 @@ def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *,
 
 
 def encode_split(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
-                 device: torch.device | str = "cpu", progress: bool = False) -> tuple[Encoded, Encoded]:
-    """Encode every distinct image and every caption of a split in eval mode (CxC needs the embeddings)."""
+                 device: torch.device | str = "cpu", progress: bool = False, box_compat: bool = False,
+                 compat_batch_size: int = 64, fold5: bool = False) -> tuple[Encoded, Encoded]:
+    """Encode every distinct image and every caption of a split in eval mode (CxC needs the embeddings).
+
+    Models with `extra_inputs` (GSMN) also get the split's boxes, normalised correctly or, with `box_compat`,
+    as the original evaluation computed them (its loader batch `compat_batch_size`, its `fold5` row indexing).
+    """
     was_training = model.training
     model.eval()
-    images = encode_images(model, split, batch_size=batch_size, device=device, progress=progress)
-    tokens = [vocab.encode(c) for c in split.captions]
-    texts = encode_captions(model, tokens, batch_size=batch_size, device=device, progress=progress)
+    extra: dict = {}
+    if getattr(model, "extra_inputs", ()):
+        from itmatch.data.gsmn_files import model_inputs
+
+        extra = model_inputs(split, model.cfg, rows=image_rows(split), box_compat=box_compat,
+                             compat_batch_size=compat_batch_size, fold5=fold5)
+    images = encode_images(model, split, batch_size=batch_size, device=device, progress=progress,
+                           boxes=extra.get("boxes"))
+    tokens = extra.get("tokens") or [vocab.encode(c) for c in split.captions]
+    texts = encode_captions(model, tokens, batch_size=batch_size, device=device, progress=progress,
+                            depends=extra.get("depends"))
     model.train(was_training)
     return images, texts
 
 
 def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
                  device: torch.device | str = "cpu", progress: bool = False,
-                 dtype: torch.dtype = torch.float64) -> np.ndarray:
+                 dtype: torch.dtype = torch.float64, box_compat: bool = False, compat_batch_size: int = 64,
+                 fold5: bool = False) -> np.ndarray:
     """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix."""
     was_training = model.training
     model.eval()
-    images, texts = encode_split(model, split, vocab, batch_size=batch_size, device=device, progress=progress)
+    images, texts = encode_split(model, split, vocab, batch_size=batch_size, device=device, progress=progress,
+                                 box_compat=box_compat, compat_batch_size=compat_batch_size, fold5=fold5)
     sims = similarity_matrix(model, images, texts, device=device, dtype=dtype)
     model.train(was_training)
     return sims

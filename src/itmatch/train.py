@@ -162,8 +162,13 @@ def evaluate_model(model: RetrievalModel, split: PrecompSplit | ImageSplit, voca
     return evaluate_sims(compute_sims(model, split, vocab, batch_size=batch_size, device=device), fold5=fold5)
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int, lr_update: int) -> float:
-    factor = 0.1 ** (epoch // lr_update) if lr_update > 0 else 1.0
+def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int, lr_update: int,
+            milestones: tuple[int, ...] = ()) -> float:
+    """lr = base * 0.1 ** (epoch // lr_update), or 0.1 ** (milestones reached) when milestones are given."""
+    if milestones:
+        factor = 0.1 ** sum(epoch >= m for m in milestones)
+    else:
+        factor = 0.1 ** (epoch // lr_update) if lr_update > 0 else 1.0
     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
         group["lr"] = base * factor
     return optimizer.param_groups[0]["lr"]
@@ -215,11 +220,14 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     model = build_model(cfg, device)
     if tc.region_drop and "lengths" not in inspect.signature(model.encode_image).parameters:
         raise ConfigError(f"train.region_drop needs a model that takes image lengths; {cfg.model.name} does not")
-    if info.enabled and not model.is_embedding_model():
-        raise ConfigError(f"{cfg.model.name} scores pairs by cross attention, which cannot mine negatives over the "
-                          "global batch; train it in one process (without torchrun)")
+    if info.enabled and not model.trains_distributed():
+        why = "scores pairs by cross attention" if not model.is_embedding_model() else "builds its loss from per-word"
+        raise ConfigError(f"{cfg.model.name} {why if why[0] == 's' else why + ' and per-region features'}, which "
+                          "are not gathered across processes; train it in one process (without torchrun)")
     if tc.amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a GPU (train.device=cuda); on CPU use train.amp=bf16 or none")
+    # Methods whose loss groups the captions of one image (HREM) take the batch's image ids.
+    wants_ids = "image_ids" in inspect.signature(model.training_loss).parameters
     optimizer = model.make_optimizer(tc.lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state, history = RunState(), []
@@ -252,11 +260,20 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     perm = None
     if dc.shuffle_captions:
         perm = np.random.default_rng(tc.seed).permutation(train_split.n_captions)
-    dataset = CaptionDataset(train_split, vocab, caption_perm=perm)
+    graph: dict = {}
+    if model.extra_inputs:
+        from itmatch.data.gsmn_files import model_inputs
+
+        graph = model_inputs(train_split, cfg.model)
+    dataset = CaptionDataset(train_split, vocab, caption_perm=perm, tokens=graph.get("tokens"),
+                             boxes=graph.get("boxes"), depends=graph.get("depends"))
     augment = None
     if tc.region_drop or tc.word_noise:
         augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
     val_split = open_split(cfg, Path(dc.path), dc.val_split)
+    if dc.val_split == dc.test_split:
+        _logger.warning("model selection on the test split %r (data.val_split): the reported test numbers are then "
+                        "optimistic; HREM's original does this, use the dev split for a clean protocol", dc.val_split)
 
     if info.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -284,7 +301,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     stop = False
     try:
         while state.epoch < tc.epochs and not stop:
-            lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update)
+            lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update, tc.lr_milestones)
             model.on_epoch_start(state.epoch)
             batches = _rank_batches(epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch), info)
             # Its own generator: starting an iterator draws a seed, which from the global RNG would shift the
@@ -300,7 +317,12 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
             for batch in bar:
                 batch = batch.to(device)
                 model.on_step_start(state.step_in_epoch, len(batches))
-                extra = {} if batch.image_lengths is None else {"image_lengths": batch.image_lengths}
+                extra: dict[str, torch.Tensor] = {}
+                if batch.image_lengths is not None:
+                    extra["image_lengths"] = batch.image_lengths
+                if wants_ids:
+                    extra["image_ids"] = batch.image_ids
+                extra |= batch.extras(model.extra_inputs)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     terms = trainer(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)
                 loss = terms["loss"].float()

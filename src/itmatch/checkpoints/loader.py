@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from itmatch.checkpoints import native, scan, vse_infinity, vsrn
+from itmatch.checkpoints import gsmn, hrem, native, scan, vse_infinity, vsrn
 from itmatch.config import Config, DataConfig, config_from_dict
 from itmatch.data.precomp import find_vocab
 from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
 from itmatch.data.vocab import Vocabulary, load_vocab
-from itmatch.errors import CheckpointError
+from itmatch.errors import CheckpointError, DataError
 from itmatch.models.base import RetrievalModel
 from itmatch.registry import create_model
 
@@ -30,6 +30,8 @@ OFFICIAL: list[tuple[str, Callable[[Any], bool], Callable[[Any], tuple[Any, dict
     ("vse_infinity", vse_infinity.detect, vse_infinity.convert),
     ("scan", scan.detect, scan.convert),
     ("vsrn", vsrn.detect, vsrn.convert),
+    ("hrem", hrem.detect, hrem.convert),
+    ("gsmn", gsmn.detect, gsmn.convert),
 ]
 OFFICIAL_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
@@ -40,6 +42,20 @@ class LoadedModel:
     config: Config
     vocab: CaptionTokenizer
     path: str
+
+
+class PretokenizedOnly:
+    """Tokenizer of a released model that reads pre-tokenised ids (GSMN's precaps_stan.txt): it only knows its
+    vocabulary size, taken from the checkpoint's embedding."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def encode(self, caption: str) -> list[int]:
+        raise DataError("this model reads word ids from {split}_precaps_stan.txt; pass --vocab to encode raw text")
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def vocab_from_words(words: list[str]) -> Vocabulary:
@@ -101,13 +117,17 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
             )
         model_cfg, state = convert(ckpt)
         model_cfg = _with_bert_path(model_cfg, bert_path)
-        if uses_vocab(model_cfg) and not vocab and data_root is not None:
+        pretokenized = getattr(model_cfg, "text_ids", "vocab") != "vocab"  # GSMN: ids from precaps_stan.txt
+        if uses_vocab(model_cfg) and not vocab and data_root is not None and not pretokenized:
             vocab = str(find_vocab(data_root))
         if not uses_vocab(model_cfg) and not getattr(model_cfg, "bert_path", ""):
             raise CheckpointError(f"{path}: a {name} BERT model needs --bert-path DIR (BERT config and vocab.txt)")
-        if uses_vocab(model_cfg) and not vocab:
+        if uses_vocab(model_cfg) and not vocab and not pretokenized:
             raise CheckpointError(f"{path}: a {name} word-vocabulary model needs --vocab VOCAB.json (its vocabulary)")
-        tokenizer = text_tokenizer(model_cfg, load_vocab(vocab) if vocab else None)
+        if pretokenized and not vocab:
+            tokenizer: CaptionTokenizer = PretokenizedOnly(model_cfg.vocab_size)
+        else:
+            tokenizer = text_tokenizer(model_cfg, load_vocab(vocab) if vocab else None)
         if uses_vocab(model_cfg) and len(tokenizer) != model_cfg.vocab_size:
             raise CheckpointError(
                 f"{path}: vocabulary {vocab} gives {len(tokenizer)} ids but the checkpoint embeds "

@@ -83,7 +83,7 @@ class AugmentedCaptions:
             images.append(image)
             tokens.append(self.caption(k, rng))
         order = sorted(range(len(indices)), key=lambda i: len(tokens[i]), reverse=True)  # as collate, stable
-        if not self.region_drop:  # raw images, or features without size augmentation
+        if feats.ndim == 4:  # raw images (B, 3, S, S): grid-size augmentation happens in the model
             return collate([(images[i], tokens[i], indices[i], rows[i]) for i in order])
         width = max(len(im) for im in images)
         padded = [np.pad(im, ((0, width - len(im)), (0, 0))) for im in images]

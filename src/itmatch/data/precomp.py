@@ -140,6 +140,8 @@ class Batch:
     ids: torch.Tensor  # (B,) caption indices
     image_ids: torch.Tensor  # (B,) image row of each caption
     image_lengths: torch.Tensor | None = None  # (B,) valid regions when training drops some (VSE-infinity)
+    boxes: torch.Tensor | None = None  # (B, R, 4) normalised region boxes (GSMN)
+    depends: list | None = None  # per caption, its dependency pairs (GSMN)
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -149,7 +151,13 @@ class Batch:
             self.ids,
             self.image_ids,
             self.image_lengths,
+            None if self.boxes is None else self.boxes.to(device),
+            self.depends,
         )
+
+    def extras(self, names: tuple[str, ...]) -> dict:
+        """The per-batch inputs a model declares in `extra_inputs` (e.g. GSMN's boxes and dependency pairs)."""
+        return {name: getattr(self, name) for name in names}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -165,13 +173,20 @@ def pad_captions(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """Item k = (image features of caption k's image, token ids of caption k, k, image row)."""
+    """Item k = (image features of caption k's image, token ids of caption k, k, image row).
 
-    def __init__(self, split: PrecompSplit, vocab: Vocabulary, *, caption_perm: np.ndarray | None = None) -> None:
+    `tokens` replaces the vocabulary's ids (GSMN's pre-tokenised files); `boxes` (image rows, R, 4) and `depends`
+    (per caption) add GSMN's graph inputs to every batch.
+    """
+
+    def __init__(self, split: PrecompSplit, vocab: Vocabulary, *, caption_perm: np.ndarray | None = None,
+                 tokens: list[list[int]] | None = None, boxes: np.ndarray | None = None,
+                 depends: list | None = None) -> None:
         self.split = split
-        self.tokens = [vocab.encode(c) for c in split.captions]
+        self.tokens = tokens if tokens is not None else [vocab.encode(c) for c in split.captions]
         # Control experiment: caption k is paired with the image of caption perm[k] (breaks the pairing).
         self.caption_perm = caption_perm
+        self.boxes, self.depends = boxes, depends
 
     def __len__(self) -> int:
         return self.split.n_captions
@@ -193,7 +208,13 @@ class CaptionDataset(torch.utils.data.Dataset):
         else:
             feats, kept = self.split.training_images(rows, rng)
             rows, indices = [rows[i] for i in kept], [indices[i] for i in kept]
-        return collate([(feats[i], self.tokens[k], k, rows[i]) for i, k in enumerate(indices)])
+        batch = collate([(feats[i], self.tokens[k], k, rows[i]) for i, k in enumerate(indices)])
+        order = batch.ids.tolist()
+        if self.boxes is not None:
+            batch.boxes = torch.from_numpy(self.boxes[np.asarray([self.image_row(k) for k in order])])
+        if self.depends is not None:
+            batch.depends = [self.depends[k] for k in order]
+        return batch
 
 
 def collate(items: list[tuple[np.ndarray, list[int], int, int]]) -> Batch:

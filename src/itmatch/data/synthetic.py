@@ -981,6 +981,63 @@ def _write_split(
     del boxes
 
 
+_NOUNS = frozenset(
+    [w for s in SHAPES for w in _SYN.get(s, (s,))]
+    + [_plural(w) for s in SHAPES for w in _SYN.get(s, (s,))]
+    + ["objects", "things", "object", "thing", "scene", "image", "picture", "photo", "view", "group"]
+)
+
+
+def dependency_pairs(tokens: Sequence[str]) -> list[list[int]]:
+    """Dependency pairs of a synthetic caption from the grammar's word classes, in CoreNLP's layout.
+
+    First [0, root], then [head, dependent] with 1-based token positions. The first noun is the root, every later
+    noun depends on the noun before it (relation and list chains), every other token on the next noun (its
+    determiner, adjectives, preposition, conjunction or comma), or on the root when no noun follows; the final
+    period depends on the root. `tokens` are the caption's tokens (`itmatch.data.tokenize.tokenize`).
+    """
+    nouns = [i for i, t in enumerate(tokens, start=1) if t in _NOUNS]
+    root = nouns[0] if nouns else 1
+    pairs = [[0, root]]
+    for k, noun in enumerate(nouns[1:]):
+        pairs.append([nouns[k], noun])
+    following = iter(nouns)
+    nxt = next(following, None)
+    for i in range(1, len(tokens) + 1):
+        while nxt is not None and nxt < i:
+            nxt = next(following, None)
+        if i == nxt or i == root:
+            continue
+        pairs.append([root if nxt is None or tokens[i - 1] == "." else nxt, i])
+    return pairs
+
+
+def _write_gsmn_files(root: Path, counts: Mapping[str, int]) -> None:
+    """GSMN's files for every split: ims_bbx/ims_size (.npy), caps.json (dependency pairs), precaps_stan.txt.
+
+    Word ids of precaps_stan.txt come from the vocabulary `itmatch data vocab` builds (train + dev captions, words
+    seen at least 4 times), so they equal what that vocabulary gives; written only when a train split exists.
+    """
+    from itmatch.data.tokenize import tokenize
+    from itmatch.data.vocab import build_vocab
+
+    captions = {s: (root / f"{s}_caps.txt").read_text(encoding="utf-8").splitlines() for s in counts}
+    vocab = None
+    if "train" in counts:
+        vocab = build_vocab([c for s in ("train", "dev") if s in captions for c in captions[s]], threshold=4)
+    for split, n in counts.items():
+        np.save(root / f"{split}_ims_bbx.npy", np.load(root / f"{split}_boxes.npy"))
+        sizes = np.empty(n, dtype=object)
+        for i in range(n):
+            sizes[i] = {"image_w": CANVAS_W, "image_h": CANVAS_H}
+        np.save(root / f"{split}_ims_size.npy", sizes, allow_pickle=True)
+        deps = [dependency_pairs(tokenize(c)) for c in captions[split]]
+        (root / f"{split}_caps.json").write_text(json.dumps(deps, separators=(",", ":")) + "\n", encoding="utf-8")
+        if vocab is not None:
+            with open(root / f"{split}_precaps_stan.txt", "w", encoding="utf-8", newline="\n") as fh:
+                fh.writelines(",".join(map(str, vocab.encode(c))) + "\n" for c in captions[split])
+
+
 def generate(
     out: str | os.PathLike,
     *,
@@ -992,6 +1049,9 @@ def generate(
     progress: bool = False,
 ) -> dict[str, int]:
     """Write the dataset to `out` (created if missing) and return {split: n_images}.
+
+    Besides the SCAN layout it writes GSMN's files (`_write_gsmn_files`): boxes and image sizes in the original's
+    names, dependency pairs from the grammar (`dependency_pairs`) and pre-tokenised word ids.
 
     Splits of size 0, or missing from a given `sizes`, are not written. `render` also draws every image to
     `out/images/{id}.png` and writes `out/id_mapping.json`, so that `out` is also a raw-image dataset
@@ -1040,6 +1100,7 @@ def generate(
                 render=render,
                 bar=bar,
             )
+    _write_gsmn_files(root, counts)
     if render:  # the raw-image layout of VSE-infinity: id -> file under images/
         mapping = {i: f"{i}.png" for split in counts for i in (root / f"{split}_ids.txt").read_text().split()}
         (root / "id_mapping.json").write_text(json.dumps(mapping) + "\n", encoding="utf-8")

@@ -61,6 +61,10 @@ class RetrievalModel(nn.Module):
 
     margin: float = 0.2
     max_violation: bool = False
+    # training_loss mines negatives over `global_batch` embeddings, so torchrun training equals one process on the
+    # concatenated batch; a method whose loss needs more of the batch (per-word features) sets this False.
+    global_batch_loss: bool = True
+    extra_inputs: tuple[str, ...] = ()  # per-batch inputs beyond features and ids (GSMN: "boxes", "depends")
 
     def encode_image(self, images: torch.Tensor) -> Encoded:
         raise NotImplementedError
@@ -99,6 +103,12 @@ class RetrievalModel(nn.Module):
     def is_embedding_model(cls) -> bool:
         """True when similarity is the dot product of pooled embeddings (what can be indexed and all-gathered)."""
         return cls.similarity is RetrievalModel.similarity
+
+    @classmethod
+    def trains_distributed(cls) -> bool:
+        """Whether torchrun training reproduces one process on the global batch (dot-product methods whose loss
+        sees only pooled embeddings)."""
+        return cls.is_embedding_model() and cls.global_batch_loss
 
     def global_batch(self, emb: torch.Tensor) -> torch.Tensor:
         """Pooled (B_local, D) embeddings -> the global batch's under torchrun training (every rank's, in rank

@@ -25,6 +25,7 @@ from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.backbones import create_backbone, load_backbone_weights
 from itmatch.modules.gpo import Gpo
 from itmatch.modules.norm import l2norm
+from itmatch.modules.region_mlp import RegionMlp
 from itmatch.modules.text_bert import bert_tokens, load_bert
 from itmatch.modules.text_gru import GruTextEncoder
 from itmatch.registry import register_model
@@ -55,24 +56,6 @@ class VseInfinityConfig:
 
     # The bigru branch appends <mask> to the loaded vocabulary (vocab_size = words in the JSON + 1).
     extra_tokens: ClassVar[tuple[str, ...]] = ("<mask>",)
-
-
-class RegionMlp(nn.Module):
-    """Upstream `MLP(in, hidden, out, num_layers=2)` on flattened (B*K, D) rows; `bns.1` exists but is unused."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.layers = nn.ModuleList([nn.Linear(in_dim, hidden, **dd), nn.Linear(hidden, out_dim, **dd)])
-        self.bns = nn.ModuleList([nn.BatchNorm1d(hidden, **dd), nn.BatchNorm1d(out_dim, **dd)])
-        self.bns[1].requires_grad_(False)  # never applied upstream: no gradient, so AdamW never touched it either
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, k, d = x.shape
-        # Padded regions are rows like the others here, so they enter the BatchNorm statistics in training (upstream).
-        h = torch.relu(self.bns[0](self.layers[0](x.reshape(b * k, d))))
-        return self.layers[1](h).view(b, k, -1)
 
 
 class RegionEncoder(nn.Module):

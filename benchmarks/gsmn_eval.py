@@ -1,0 +1,114 @@
+"""GSMN evaluation: our tiled scoring vs a faithful port of the original per-caption loop (tests/gsmn_reference.py).
+
+Shapes of the Flickr30K test protocol: 36 regions, 1024-d, 16 blocks, lambda 20, caption lengths drawn like F30K's
+(about 12 words plus <start>/<end>), full-size model (random weights; the cost does not depend on them). Both
+sides are timed on samples of the 1,000 x 5,000 matrix and extrapolated per pair (every pair costs the same):
+ours on `--images` x `--captions` (encoded galleries, packed captions, as `itmatch eval` scores them), the loop
+on `--loop-images` x `--loop-captions` in the original's 80-image shards. max |delta| is taken on the loop's
+sample, for the dense and the sparse variant.
+
+    OMP_NUM_THREADS=1 python benchmarks/gsmn_eval.py [--images 200] [--captions 1000] [--loop-images 80]
+        [--loop-captions 80] [--budget 64] [--device cpu|cuda] [--out figures.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference port lives in tests/
+
+from tests.gsmn_reference import reference_scores  # noqa: E402
+
+from itmatch.models.base import Encoded  # noqa: E402
+from itmatch.models.gsmn import GsmnConfig, build  # noqa: E402
+
+REGIONS, DIM, F30K_PAIRS = 36, 1024, 1000 * 5000
+
+
+def make_inputs(n_images: int, n_captions: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.rand(n_images, REGIONS, 2048, generator=gen)
+    xy = torch.rand(n_images, REGIONS, 2, generator=gen) * 0.8
+    boxes = torch.cat([xy, xy + torch.rand(n_images, REGIONS, 2, generator=gen) * 0.2], -1)
+    gamma = torch.distributions.Gamma(torch.tensor(4.0), torch.tensor(1 / 1.8))
+    torch.manual_seed(seed)
+    lengths = (5 + gamma.sample((n_captions,))).round().clamp(max=60).long() + 2
+    captions = torch.randint(4, 1000, (n_captions, int(lengths.max())), generator=gen)
+    depends = [[[0, 2]] + [[k, k + 1] for k in range(1, n - 2)] for n in lengths.tolist()]
+    return feats, boxes, captions, lengths, depends
+
+
+def run(sparse: bool, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model = build(GsmnConfig(image_dim=2048, embed_dim=DIM, vocab_size=1000, lambda_softmax=20.0, sparse=sparse,
+                             xattn_budget_mb=args.budget)).eval().to(args.device)
+    feats, boxes, captions, lengths, depends = make_inputs(args.images, args.captions)
+    with torch.inference_mode():
+        img = model.encode_image(feats.to(args.device), boxes.to(args.device))
+        txt = model.encode_text(captions.to(args.device), lengths, depends).packed()
+        model.similarity(img.rows(0, 8), Encoded(txt.emb, txt.lengths[:64], txt.offsets[:64]))  # warm-up
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        ours = model.similarity(img, txt)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        ours_s = time.perf_counter() - start
+        ni, nc = args.loop_images, args.loop_captions
+        d = model.cfg.embed_dim
+        words = F.pad(txt.emb, (0, 0)).cpu()
+        padded = torch.zeros(nc, int(lengths[:nc].max()), d)
+        for k in range(nc):
+            o, n = int(txt.offsets[k]), int(lengths[k])
+            padded[k, :n] = words[o : o + n, :d]
+        model_cpu = model.cpu()
+        start = time.perf_counter()
+        ref = reference_scores(model_cpu, img.emb[:ni, :, :d].cpu(), boxes[:ni], padded, lengths[:nc].tolist(),
+                               depends[:nc], shard=80)
+        loop_s = time.perf_counter() - start
+    ours_pair = ours_s / (args.images * args.captions)
+    loop_pair = loop_s / (ni * nc)
+    return {
+        "variant": "sparse" if sparse else "dense",
+        "ours_us_per_pair": 1e6 * ours_pair,
+        "loop_us_per_pair": 1e6 * loop_pair,
+        "ours_f30k_s": ours_pair * F30K_PAIRS,
+        "loop_f30k_s": loop_pair * F30K_PAIRS,
+        "speedup": loop_pair / ours_pair,
+        "max_abs_delta": float((ours[:ni, :nc].cpu().double() - ref.double()).abs().max()),
+        "ours_pairs_timed": args.images * args.captions,
+        "loop_pairs_timed": ni * nc,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--captions", type=int, default=1000)
+    ap.add_argument("--loop-images", type=int, default=80)
+    ap.add_argument("--loop-captions", type=int, default=80)
+    ap.add_argument("--budget", type=float, default=8.0, help="MB for intermediates per tile (speed only)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", help="write the figures as JSON")
+    args = ap.parse_args()
+    rows = [run(sparse, args) for sparse in (False, True)]
+    info = {"threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__, "rows": rows}
+    for r in rows:
+        print(f"{r['variant']:6s} ours {r['ours_us_per_pair']:7.1f} us/pair (F30K 1K: {r['ours_f30k_s']:6.0f} s)  "
+              f"loop {r['loop_us_per_pair']:7.1f} us/pair ({r['loop_f30k_s']:6.0f} s)  "
+              f"speedup {r['speedup']:5.1f}x  max|delta| {r['max_abs_delta']:.1e}")
+    print(f"threads {info['threads']}, device {args.device}, torch {torch.__version__}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

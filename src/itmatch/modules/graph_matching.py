@@ -1,0 +1,215 @@
+"""Graph structured matching (GSMN) for every image x caption pair of a tile at once.
+
+Node level (as upstream `inter_relations` + multi-block cosine): with raw scores s_rl = LeakyReLU_0.1(<v_r, w_l>),
+
+* regions query words: s normalised over the regions of each word, softmax over words (temperature lambda),
+  attended word vector c_r; m^v_r = blockcos(v_r, c_r)  (K blocks of d/K dims)
+* words query regions: s normalised over the words of each region, softmax over regions; m^t_l = blockcos(w_l, c_l)
+
+Structure level: each node's matching vector is scaled per kernel by a coefficient that depends on one side only
+(`PolarGaussianKernels.node_coefficients` for regions, `WordGraphKernels.node_coefficients` for words), mapped
+by the per-kernel Linear layers, then a weight-normed 32 -> 32 -> 1 head with tanh, averaged over nodes. The
+score is the visual plus the textual graph score.
+
+The original loops over captions and materialises the attended vectors. Here one tile is scored from per-block
+dot products (one batched matrix product gives all of them; their sum over blocks is the raw score) and Gram
+matrices: with attention alpha over context items x_s, <q_b, sum_s alpha_s x_sb> = sum_s alpha_s <q_b, x_sb> and
+||sum_s alpha_s x_sb||^2 = alpha^T G_b alpha, G_b = X_b X_b^T, so no (pair, node, d) tensor is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-8  # upstream: l2norm adds 1e-8 to the norm, the cosine clamps the norm product at 1e-8
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer with legacy weight normalisation, w = g * v / ||v|| per output row (`weight_norm(dim=0)`).
+
+    Parameters keep the names torch 1.x gave them (`weight_g` (out, 1), `weight_v` (out, in), `bias`), the names
+    in the originals' checkpoints; initialised like `weight_norm(nn.Linear(...))` (g = row norms of v).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        lin = nn.Linear(in_dim, out_dim, device=device, dtype=dtype)
+        self.weight_g = nn.Parameter(lin.weight.detach().norm(dim=1, keepdim=True))
+        self.weight_v = nn.Parameter(lin.weight.detach().clone())
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+
+class MatchHead(nn.Module):
+    """out_2(tanh(out_1(h))): weight-normed 32 -> 32 -> 1 (upstream `out_1`, `out_2`)."""
+
+    def __init__(self, hid_dim: int = 32, out_dim: int = 1, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.out_1 = WeightNormLinear(hid_dim, hid_dim, device=device, dtype=dtype)
+        self.out_2 = WeightNormLinear(hid_dim, out_dim, device=device, dtype=dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out_2(torch.tanh(self.out_1(h)))
+
+
+def sparse_adjacency(pairs: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+    """(length, length) word graph from dependency pairs, exactly as upstream `build_sparse_graph`.
+
+    The first pair (CoreNLP's ROOT edge) is skipped, pairs with an index >= length are dropped, every kept
+    pair links both ways, then the identity is added (a self-dependency gives a diagonal 2, as upstream).
+    """
+    adj = torch.zeros(length, length)
+    for k, pair in enumerate(pairs):
+        g, d = int(pair[0]), int(pair[1])
+        if k == 0 or g >= length or d >= length:
+            continue
+        adj[g, d] = 1.0
+        adj[d, g] = 1.0
+    return adj + torch.eye(length)
+
+
+class WordGraphKernels(nn.Module):
+    """GSMN's `TextQueryGraphConvolution`: K scalar kernels on word-graph edge weights + one Linear per kernel.
+
+    Upstream passes `2` into the `bias` slot, so these Linear layers have biases (the visual ones do not).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, n_kernels: int = 8, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.n_kernels = n_kernels
+        self.conv_weights = nn.ModuleList(
+            nn.Linear(in_dim, out_dim // n_kernels, bias=True, **dd) for _ in range(n_kernels))
+        self.params = nn.Parameter(torch.empty(n_kernels, 1, **dd).uniform_(-1.0, 1.0))
+
+    def node_coefficients(self, words: torch.Tensor, lengths: torch.Tensor, lambda_softmax: float,
+                          adjacency: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d) word features -> (B, L, K) coefficients c_ik = sum_j omega_ijk A_ij (0 beyond each length).
+
+        a = softmax_j(lambda W W^T) over the caption's words (upstream `intra_relations`); dense: n = a, A = 1;
+        sparse (`adjacency` (B, L, L), zero-padded): n = l2norm_j(A * a) with eps 1e-8. omega_ijk = n_ij p_k /
+        sum_j n_ij p_k. Upstream's neighbour features are f_ij = A_ij m_i, so node i's kernel k gets c_ik * m_i.
+        """
+        b, L, _ = words.shape
+        valid = torch.arange(L, device=words.device)[None, :] < lengths.to(words.device)[:, None]  # (B, L)
+        logits = lambda_softmax * (words @ words.transpose(1, 2))
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        a = torch.softmax(logits, dim=-1)  # (B, L, L), rows of padded words are junk, masked below
+        if adjacency is None:
+            n, support = a, valid[:, None, :].to(words.dtype).expand(b, L, L)
+        else:
+            masked = adjacency * a
+            n = masked / (torch.linalg.vector_norm(masked, dim=-1, keepdim=True) + EPS)
+            support = adjacency
+        w = n[..., None] * self.params.view(-1)  # (B, L, L, K)
+        denom = w.sum(2, keepdim=True)
+        # rows of padded words are all zero: divide them by 1, since a 0/0 even if masked poisons the gradient
+        denom = torch.where(valid[:, :, None, None], denom, torch.ones_like(denom))
+        coef = (w / denom * support[..., None]).sum(2)  # (B, L, K)
+        return torch.where(valid[..., None], coef, torch.zeros_like(coef))
+
+    def stacked_weight(self) -> torch.Tensor:
+        return torch.cat([lin.weight for lin in self.conv_weights], 0)
+
+    def stacked_bias(self) -> torch.Tensor:
+        return torch.cat([lin.bias for lin in self.conv_weights], 0)
+
+
+def _graph_score(match: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 head: MatchHead, n_kernels: int) -> torch.Tensor:
+    """Per-node score out_2(tanh(out_1(h))) with h = concat_k (c_k U_k m (+ b_k)); match (..., K_blocks)."""
+    h = match @ weight.T.to(match.dtype)  # (..., out_dim): the K per-kernel maps side by side
+    h = h * coef.repeat_interleave(weight.shape[0] // n_kernels, dim=-1)
+    if bias is not None:
+        h = h + bias.to(h.dtype)
+    out_1, out_2 = head.out_1, head.out_2
+    h = torch.tanh(F.linear(h, out_1.weight().to(h.dtype), out_1.bias.to(h.dtype)))
+    return F.linear(h, out_2.weight().to(h.dtype), out_2.bias.to(h.dtype))[..., 0]
+
+
+def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: torch.Tensor,
+                     caption_coef: torch.Tensor, lengths: torch.Tensor, *, n_blocks: int, lambda_softmax: float,
+                     visual: tuple[torch.Tensor, torch.Tensor | None, MatchHead],
+                     textual: tuple[torch.Tensor, torch.Tensor | None, MatchHead], n_kernels: int) -> torch.Tensor:
+    """(Ni, Nc) GSMN scores of one tile.
+
+    Args:
+        images: (Ni, R, d) region features; image_coef (Ni, R, K) from `PolarGaussianKernels.node_coefficients`.
+        captions: (Nc, L, d) word features (positions >= length ignored); caption_coef (Nc, L, K).
+        lengths: (Nc,) words per caption.
+        visual / textual: (stacked kernel weight (out, n_blocks), stacked bias or None, head) of each graph.
+    """
+    ni, r, d = images.shape
+    nc, L, _ = captions.shape
+    blk = d // n_blocks
+    valid = torch.arange(L, device=captions.device)[None, :] < lengths.to(captions.device)[:, None]  # (Nc, L)
+    vmask = valid.to(captions.dtype)
+    captions = captions * vmask[..., None]
+    vb = images.reshape(ni * r, n_blocks, blk).transpose(0, 1)  # (K, Ni*R, blk)
+    wb = captions.reshape(nc * L, n_blocks, blk).permute(1, 2, 0)  # (K, blk, Nc*L)
+    dots_b = torch.bmm(vb, wb).view(n_blocks, ni, r, nc, L)  # per-block region-word dot products
+    s = F.leaky_relu(dots_b.sum(0), 0.1)  # (Ni, R, Nc, L)
+    # without autograd the last reader of dots_b may overwrite it (memory traffic bounds this part on CPUs)
+    inplace = not (torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad))
+
+    # Regions query words: normalise over regions, softmax over the caption's words.
+    x = s / (torch.linalg.vector_norm(s, dim=1, keepdim=True) + EPS)  # norm's gradient at 0 is 0
+    e = torch.exp(lambda_softmax * x) * vmask[None, None]
+    alpha = e.div_(e.sum(-1, keepdim=True)) if inplace else e / e.sum(-1, keepdim=True)  # (Ni, R, Nc, L)
+    num = (dots_b * alpha).sum(-1)  # (K, Ni, R, Nc)
+    cb = captions.reshape(nc, L, n_blocks, blk).transpose(1, 2)  # (Nc, K, L, blk)
+    gram_w = cb @ cb.transpose(-1, -2)  # (Nc, K, L, L) per-caption per-block Gram matrices
+    a_c = alpha.permute(2, 0, 1, 3).reshape(nc, ni * r, L)  # (Nc, Ni*R, L)
+    ga = torch.bmm(a_c, gram_w.permute(0, 2, 1, 3).reshape(nc, L, n_blocks * L)).view(nc, ni * r, n_blocks, L)
+    ctx_sq = (ga * a_c[:, :, None, :]).sum(-1).clamp(min=0)  # (Nc, Ni*R, K)
+    q_norm = images.reshape(ni, r, n_blocks, blk).norm(dim=-1)  # (Ni, R, K)
+    m_v = num.permute(3, 1, 2, 0) / (q_norm[None] * ctx_sq.sqrt().view(nc, ni, r, n_blocks)).clamp(min=EPS)
+    weight, bias, head = visual
+    node = _graph_score(m_v, image_coef.to(m_v.dtype)[None], weight, bias, head, n_kernels)  # (Nc, Ni, R)
+    score_v = node.mean(-1).T  # (Ni, Nc)
+
+    # Words query regions: normalise over the caption's words, softmax over regions.
+    x = s / (torch.linalg.vector_norm(s, dim=-1, keepdim=True) + EPS)
+    e = torch.exp(lambda_softmax * x)
+    alpha = e.div_(e.sum(1, keepdim=True)) if inplace else e / e.sum(1, keepdim=True)  # (Ni, R, Nc, L)
+    num = (dots_b.mul_(alpha) if inplace else dots_b * alpha).sum(2)  # (K, Ni, Nc, L)
+    ib = images.reshape(ni, r, n_blocks, blk).transpose(1, 2)  # (Ni, K, R, blk)
+    gram_v = (ib @ ib.transpose(-1, -2)).reshape(ni, n_blocks * r, r)  # (Ni, K*R, R)
+    a_i = alpha.reshape(ni, r, nc * L)
+    ga = torch.bmm(gram_v, a_i).view(ni, n_blocks, r, nc * L)
+    ctx_sq = (ga * a_i[:, None]).sum(2).clamp(min=0).view(ni, n_blocks, nc, L)  # (Ni, K, Nc, L)
+    w_norm = captions.reshape(nc, L, n_blocks, blk).norm(dim=-1)  # (Nc, L, K)
+    m_t = num.permute(1, 2, 3, 0) / (w_norm[None] * ctx_sq.permute(0, 2, 3, 1).sqrt()).clamp(min=EPS)
+    weight, bias, head = textual
+    node = _graph_score(m_t, caption_coef.to(m_t.dtype)[None], weight, bias, head, n_kernels)  # (Ni, Nc, L)
+    score_t = torch.where(valid[None], node, torch.zeros_like(node)).sum(-1) / lengths.to(node.device, node.dtype)[None]
+    return score_v + score_t
+
+
+def tile_bytes_per_pair(regions: int, words: int, n_blocks: int, itemsize: int) -> int:
+    """Rough size of the live intermediates of one pair in `gsmn_tile_scores` (tiling only)."""
+    return (2 * n_blocks + 8) * regions * max(words, 1) * itemsize + 64 * (regions + words) * itemsize
+
+
+def gsmn_tiles(n_images: int, n_captions: int, regions: int, words: int, n_blocks: int, itemsize: int,
+               budget_mb: float) -> tuple[int, int]:
+    """Images x captions per tile within `budget_mb` of intermediates (changes speed, never scores)."""
+    pairs = max(1, int(budget_mb * 2**20 // tile_bytes_per_pair(regions, words, n_blocks, itemsize)))
+    tc = min(n_captions, max(1, int(math.sqrt(pairs))))
+    ti = min(n_images, max(1, pairs // tc))
+    if ti == n_images:
+        tc = min(n_captions, max(1, pairs // ti))
+    return ti, tc

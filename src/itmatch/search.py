@@ -1,0 +1,304 @@
+"""Search a gallery with a trained model: build an index from a checkpoint, query it with text or an image.
+
+Stage one ranks the whole gallery with an embedding model (VSE++, VSE-infinity, VSRN, HREM: one l2-normalised vector
+per image and per caption, similarity = inner product) through a FAISS index (`itmatch.index`). Cross-attention
+models (SCAN, GSMN) score a pair only after attending over its regions and words, so they cannot be indexed; they
+re-rank: stage two scores the query against the `candidates` best items of stage one with the cross-attention
+model's own `similarity` and keeps the best k. With `candidates` = gallery size that is the cross-attention model's
+exhaustive ranking; smaller values trade recall for speed.
+
+The index records the model it was built with (name, config, SHA-256 of its weights), the dataset files it encoded
+(size, mtime, SHA-256) and its gallery ids; `Searcher.open` refuses, with one line, a checkpoint whose weights or
+config differ (a stale index), a text query against a caption gallery and the like.
+
+    searcher = Searcher.open("runs/index_test", rerank="runs/scan/model_best.pt", candidates=50)
+    hits = searcher.search_text("a red cube left of a blue ball", k=10)[0]   # [Hit(rank, score, id, row, ...)]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from itmatch.checkpoints.loader import LoadedModel, load_model
+from itmatch.config import config_to_dict
+from itmatch.data.precomp import PrecompSplit, resolve_root
+from itmatch.errors import GalleryIndexError
+from itmatch.index import GalleryIndex, IndexSpec, file_sha256, read_meta
+from itmatch.inference import encode_captions, encode_images, image_rows
+from itmatch.models.base import Encoded
+
+Gallery = Literal["images", "captions"]
+# Config keys that move a model or tune speed without changing its scores.
+_NEUTRAL_KEYS = frozenset({"bert_path", "xattn_budget_mb"})
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Fingerprint of a model's weights: SHA-256 over (name, dtype, shape, bytes) of its state dict, in key order.
+
+    Independent of the file they were read from, so a copied or re-saved checkpoint matches its index."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
+
+
+def check_file_record(record: dict[str, Any], where: str) -> None:
+    """Refuse a data file changed since the index was built (size, else hash when its mtime moved)."""
+    path = Path(record["file"])
+    if not path.is_file():
+        raise GalleryIndexError(f"{where}: {path}, which the index was built from, is missing; pass --data DIR")
+    stat = path.stat()
+    if stat.st_size != record["size"] or (stat.st_mtime_ns != record["mtime_ns"]
+                                         and file_sha256(path) != record["sha256"]):
+        raise GalleryIndexError(f"{where} is stale: {path} changed since the index was built; rebuild the index")
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One ranked gallery item."""
+
+    rank: int  # 1-based
+    score: float  # similarity of the model that ranked it (the re-ranker's when re-ranking)
+    id: Any  # image id, or caption number in the split
+    row: int  # gallery row (index position)
+    text: str | None = None  # the caption, for caption galleries
+    image_id: Any = None  # the caption's image, for caption galleries
+    first_score: float | None = None  # the embedding model's score, when re-ranked
+
+
+def _model_summary(loaded: LoadedModel) -> dict[str, Any]:
+    return {"name": loaded.config.model.name, "config": config_to_dict(loaded.config)["model"],
+            "weights_sha256": weights_sha256(loaded.model), "checkpoint": str(Path(loaded.path).resolve())}
+
+
+def build_index(ckpt: str | os.PathLike, data: str | os.PathLike, *, split: str = "test",
+                gallery: Gallery = "images", spec: IndexSpec | None = None, out: str | os.PathLike | None = None,
+                batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
+                progress: bool = False) -> GalleryIndex:
+    """Encode every image (or caption) of a dataset split with an embedding model and index it; save it to `out`."""
+    if gallery not in ("images", "captions"):
+        raise GalleryIndexError(f"gallery must be 'images' or 'captions', got {gallery!r}")
+    root = resolve_root(data, split)
+    loaded = load_model(ckpt, device=device, vocab=vocab, bert_path=bert_path, data_root=root)
+    split_data = PrecompSplit(root, split)
+    meta: dict[str, Any] = {
+        "modality": gallery,
+        "model": _model_summary(loaded),
+        "data": {"root": str(root.resolve()), "split": split, "images": file_record(split_data.images.path),
+                 "captions": file_record(root / f"{split}_caps.txt"), "image_shape": list(split_data.images.shape[1:])},
+    }
+    if gallery == "images":
+        rows = image_rows(split_data)
+        with torch.inference_mode():  # refuse a cross-attention model before encoding the whole gallery
+            first = torch.from_numpy(np.asarray(split_data.images[rows[:1]], dtype=np.float32)).to(device)
+            _require_pooled(loaded.model.encode_image(first), loaded, ckpt)
+        encoded = encode_images(loaded.model, split_data, batch_size=batch_size, device=device, progress=progress)
+        ids = [split_data.ids[r] if split_data.ids else r for r in rows]
+        meta["feature_rows"] = rows
+    else:
+        tokens = [loaded.vocab.encode(c) for c in split_data.captions]
+        _require_pooled(encode_captions(loaded.model, tokens[:1], device=device), loaded, ckpt)
+        encoded = encode_captions(loaded.model, tokens, batch_size=batch_size, device=device, progress=progress)
+        ids = list(range(split_data.n_captions))
+        meta["texts"] = list(split_data.captions)
+        image_of = [split_data.image_of(k) for k in ids]
+        meta["image_ids"] = [split_data.ids[r] if split_data.ids else r for r in image_of]
+    _require_pooled(encoded, loaded, ckpt)
+    index = GalleryIndex.build(encoded.emb.float().numpy(), ids, spec, meta=meta, progress=progress)
+    if out is not None:
+        index.save(out)
+    return index
+
+
+def _require_pooled(encoded: Encoded, loaded: LoadedModel, ckpt: str | os.PathLike) -> None:
+    if encoded.emb.ndim != 2 or encoded.lengths is not None or encoded.offsets is not None:
+        name = loaded.config.model.name
+        raise GalleryIndexError(
+            f"{ckpt}: {name} scores pairs with cross-attention over per-region/per-word features, which an index "
+            f"cannot hold; index an embedding model (vsepp, vse_infinity, vsrn, hrem) and re-rank its top "
+            f"candidates with this one (`itmatch search INDEX --rerank {ckpt}`)"
+        )
+
+
+def check_model(meta: dict[str, Any], loaded: LoadedModel, where: str) -> None:
+    """Refuse a model other than the one the index was built with (name, scoring config, weights)."""
+    built = meta.get("model")
+    if not isinstance(built, dict) or not {"name", "config", "weights_sha256"} <= set(built):
+        raise GalleryIndexError(f"{where}: the metadata does not record its model; rebuild with `itmatch index build`")
+    now = _model_summary(loaded)
+    if now["name"] != built["name"]:
+        raise GalleryIndexError(f"{where} was built with a {built['name']} model but {loaded.path} is a "
+                                f"{now['name']} model; query it with {built.get('checkpoint')} or rebuild the index")
+    changed = sorted(k for k in set(now["config"]) | set(built["config"])
+                     if k not in _NEUTRAL_KEYS and now["config"].get(k) != built["config"].get(k))
+    if changed:
+        key = changed[0]
+        raise GalleryIndexError(f"{where} was built with model.{key}={built['config'].get(key)!r} but {loaded.path} "
+                                f"has {now['config'].get(key)!r}; rebuild the index with this checkpoint")
+    if now["weights_sha256"] != built["weights_sha256"]:
+        raise GalleryIndexError(
+            f"{where} is stale: built from weights {built['weights_sha256'][:12]} ({built.get('checkpoint')}) but "
+            f"{loaded.path} holds weights {now['weights_sha256'][:12]}; rebuild it with `itmatch index build`"
+        )
+
+
+class Searcher:
+    """An opened index with the model that built it (and optionally a re-ranker); answers text and image queries."""
+
+    def __init__(self, index: GalleryIndex, model: LoadedModel, *, reranker: LoadedModel | None = None,
+                 candidates: int = 100, data: str | os.PathLike | None = None, device: str = "cpu",
+                 where: str = "index") -> None:
+        self.index, self.model, self.reranker = index, model, reranker
+        self.candidates, self.device, self.where = candidates, device, where
+        self.modality: Gallery = index.meta.get("modality", "images")
+        built = index.meta.get("data", {})
+        self.data_root = Path(data) if data is not None else Path(built["root"]) if built.get("root") else None
+        self.split = built.get("split", "test")
+        self._gallery_features: PrecompSplit | None = None
+        if reranker is not None:
+            if candidates <= 0:
+                raise GalleryIndexError(f"--candidates must be > 0, got {candidates}")
+            if self.modality == "images":  # stage two encodes the candidate images from the dataset
+                self._gallery_features = self._dataset()
+                self._check_image_dim(reranker, self._gallery_features.feature_dim)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, *, ckpt: str | os.PathLike | None = None,
+             rerank: str | os.PathLike | None = None, candidates: int = 100, data: str | os.PathLike | None = None,
+             device: str = "cpu", vocab: str = "", bert_path: str = "", nprobe: int | None = None,
+             ef_search: int | None = None, verify: bool = True) -> Searcher:
+        """Open an index with its model: `ckpt` (default: the checkpoint recorded at build time) must hold the same
+        weights; `rerank` names a second model scoring the top `candidates` of stage one."""
+        meta = read_meta(directory)  # metadata problems first: they say more than a failing FAISS read
+        built = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+        ckpt = ckpt or built.get("checkpoint")
+        if not ckpt:
+            raise GalleryIndexError(f"{directory}: the metadata names no checkpoint; pass --ckpt CKPT")
+        index = GalleryIndex.open(directory, verify=verify).with_search_params(nprobe=nprobe, ef_search=ef_search)
+        root = Path(data) if data else Path(meta["data"]["root"]) if meta.get("data", {}).get("root") else None
+        loaded = load_model(ckpt, device=device, vocab=vocab, bert_path=bert_path, data_root=root)
+        check_model(index.meta, loaded, str(directory))
+        reranker = None
+        if rerank is not None:
+            reranker = load_model(rerank, device=device, vocab=vocab, bert_path=bert_path, data_root=root)
+        return cls(index, loaded, reranker=reranker, candidates=candidates, data=data, device=device,
+                   where=str(directory))
+
+    # ------------------------------------------------------------------------------------------------ queries
+    def search_text(self, texts: str | Sequence[str], k: int = 10) -> list[list[Hit]]:
+        """Text -> image: the k best gallery images for each query (an image index is needed)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        self.require_gallery("images")
+        queries = self._encode_texts(self.model, texts)
+        _require_pooled(queries, self.model, self.model.path)
+        return self._search(queries.emb.float().numpy(), k, texts)
+
+    def search_image(self, features: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Image -> text: the k best gallery captions for each query image, given as features (R, D) / (B, R, D)
+        (region features, as the dataset's `{split}_ims.npy` rows) or (D,) / (B, D) for grid-free models."""
+        self.require_gallery("captions")
+        feats = np.asarray(features, dtype=np.float32)
+        single = len(self.index.meta.get("data", {}).get("image_shape", [feats.shape[-1]]))  # ndim of one image
+        batch = feats[None] if feats.ndim == single else feats
+        queries = self._encode_features(self.model, batch)
+        _require_pooled(queries, self.model, self.model.path)
+        return self._search(queries.emb.float().numpy(), k, list(batch))
+
+    def require_gallery(self, gallery: Gallery) -> None:
+        """Refuse a query of the wrong side: text queries search images, image queries search captions."""
+        if self.modality != gallery:
+            query = "text" if gallery == "images" else "image"
+            raise GalleryIndexError(f"{self.where} holds {self.modality}; {query} queries need an index of {gallery} "
+                                    f"(`itmatch index build ... --gallery {gallery}`)")
+
+    def image_features(self, image_id: Any, data: str | os.PathLike | None = None,
+                       split: str | None = None) -> np.ndarray:
+        """Region features of a dataset image, found by its id (`{split}_ids.txt`; the row without such a file)."""
+        split = split or self.split
+        split_data = PrecompSplit(resolve_root(data or self.data_root or ".", split), split)
+        ids = split_data.ids or list(range(len(split_data.images)))
+        matches = [row for row, i in enumerate(ids) if str(i) == str(image_id)]
+        if not matches:
+            raise GalleryIndexError(f"no image with id {image_id} in {split_data.root}/{split_data.split}_ids.txt"
+                                    if split_data.ids else f"no image row {image_id} in {split_data.images.path}")
+        return np.asarray(split_data.images[matches[0]], dtype=np.float32)
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _search(self, vectors: np.ndarray, k: int, raw_queries: list[Any]) -> list[list[Hit]]:
+        depth = max(k, self.candidates) if self.reranker is not None else k
+        scores, rows = self.index.search(vectors, depth)
+        out = []
+        for qi, (score_row, row_row) in enumerate(zip(scores.tolist(), rows.tolist(), strict=True)):
+            found = [(s, r) for s, r in zip(score_row, row_row, strict=True) if r >= 0]
+            if self.reranker is not None and found:
+                second = self._rerank(raw_queries[qi], [r for _, r in found])
+                order = sorted(range(len(found)), key=lambda i: (-second[i], i))[:k]
+                ranked = [(second[i], found[i][1], found[i][0]) for i in order]
+            else:
+                ranked = [(s, r, None) for s, r in found[:k]]
+            out.append([self._hit(rank, s, r, first) for rank, (s, r, first) in enumerate(ranked, 1)])
+        return out
+
+    def _hit(self, rank: int, score: float, row: int, first: float | None) -> Hit:
+        meta = self.index.meta
+        if self.modality == "captions":
+            return Hit(rank, float(score), self.index.ids[row], row, meta["texts"][row], meta["image_ids"][row],
+                       first_score=first)
+        return Hit(rank, float(score), self.index.ids[row], row, first_score=first)
+
+    @torch.inference_mode()
+    def _rerank(self, query: Any, rows: list[int]) -> list[float]:
+        """Stage two: the re-ranker's similarity between one raw query and the candidate gallery rows."""
+        assert self.reranker is not None
+        model = self.reranker
+        if self.modality == "images":
+            assert self._gallery_features is not None
+            feature_rows = np.asarray([self.index.meta["feature_rows"][r] for r in rows])
+            images = self._encode_features(model, self._gallery_features.images[feature_rows])
+            texts = self._encode_texts(model, [query])
+            sims = model.model.similarity(images, texts)[:, 0]  # (k,)
+        else:
+            self._check_image_dim(model, np.shape(query)[-1])
+            images = self._encode_features(model, np.asarray(query, dtype=np.float32)[None])
+            texts = self._encode_texts(model, [self.index.meta["texts"][r] for r in rows])
+            sims = model.model.similarity(images, texts)[0]  # (k,)
+        return sims.double().cpu().tolist()
+
+    def _encode_texts(self, model: LoadedModel, texts: list[str]) -> Encoded:
+        return encode_captions(model.model, [model.vocab.encode(t) for t in texts], device=self.device)
+
+    @torch.inference_mode()
+    def _encode_features(self, model: LoadedModel, feats: np.ndarray) -> Encoded:
+        self._check_image_dim(model, feats.shape[-1])
+        return model.model.encode_image(torch.from_numpy(np.ascontiguousarray(feats)).float().to(self.device)).to("cpu")
+
+    @staticmethod
+    def _check_image_dim(model: LoadedModel, dim: int) -> None:
+        expected = getattr(model.config.model, "image_dim", None)
+        if expected and expected != dim:
+            raise GalleryIndexError(f"{model.path}: {model.config.model.name} reads {expected}-d image features but "
+                                    f"the query/gallery features are {dim}-d")
+
+    def _dataset(self) -> PrecompSplit:
+        if self.data_root is None:
+            raise GalleryIndexError(f"{self.where}: re-ranking images needs the dataset; pass --data DIR")
+        split_data = PrecompSplit(resolve_root(self.data_root, self.split), self.split)
+        built = self.index.meta.get("data", {})
+        if "images" in built and split_data.images.path.resolve() == Path(built["images"]["file"]):
+            check_file_record(built["images"], self.where)
+        return split_data
