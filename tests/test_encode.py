@@ -62,6 +62,11 @@ def test_encode_images_resumes_after_an_interruption(trained: tuple[Path, Path],
     np.testing.assert_allclose(out["embeddings"][3:], ref[3:], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["embeddings"][:3], ref[:3] + 1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(ref, axis=1), 1.0, rtol=1e-5)
+    from itmatch.index import GalleryIndex
+
+    index = GalleryIndex.build(np.load(tmp_path / "b.npz")["embeddings"], np.load(tmp_path / "b.npz")["paths"].tolist())
+    _, rows = index.search(ref[4:5], k=1)
+    assert index.ids_of(rows) == [[names[4]]]  # each photo finds itself
 
 
 def test_cli_encode_images_and_a_corrupt_photo(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
