@@ -66,7 +66,7 @@ def decode(path: Path, *, bgr: bool = False) -> np.ndarray:
             array = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
     return array[:, :, ::-1] if bgr else array
 
