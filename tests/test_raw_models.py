@@ -153,3 +153,22 @@ def test_demo_extended_mode_trains_on_the_rendered_scenes(rendered: Path, tmp_pa
     assert code == 0, capsys.readouterr().err
     assert "VSE-infinity grid on the rendered test scenes" in capsys.readouterr().out
     assert (tmp_path / "demo" / "raw" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_training_image_is_one_line(rendered: Path, tmp_path: Path, capsys, workers: int) -> None:
+    import shutil
+
+    from itmatch.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(rendered, data)
+    bad = sorted((data / "images").glob("*.png"))[3]
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated PNG
+    sets = ["data.input_scale_factor=0.125", "data.batch_size=80", "train.epochs=1", "data.train_images=0",
+            "model.embed_dim=16", f"data.workers={workers}"]
+    code = main(["-q", "train", "--preset", "vse_infinity_synth_grid", "--data", str(data), "--out",
+                 str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"itmatch: error: {bad}: cannot decode image")

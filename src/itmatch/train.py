@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from itmatch.data.images import ImageSplit
 from itmatch.data.precomp import Batch, CaptionDataset, PrecompSplit, find_vocab, resolve_root
 from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab, vocab_words
 from itmatch.data.vocab import load_vocab
-from itmatch.errors import ConfigError, TrainingError
+from itmatch.errors import ConfigError, DataError, TrainingError
 from itmatch.evaluation import evaluate_sims
 from itmatch.inference import compute_sims
 from itmatch.models.base import RetrievalModel
@@ -126,6 +126,18 @@ class _Batches(torch.utils.data.Dataset):
         if self.augment is None:
             return self.dataset.batch(self.batches[i], rng)
         return self.augment.batch(self.batches[i], rng)
+
+
+def _one_line_errors(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """Batches, with a DataLoader worker's error reduced to its own one-line message (the re-raised copy carries
+    the worker's traceback in its text)."""
+    try:
+        yield from batches
+    except DataError as err:
+        lines = str(err).strip().splitlines()
+        if len(lines) == 1:
+            raise
+        raise DataError(lines[-1].split(": ", 1)[-1]) from None
 
 
 class _TrainingLoss(torch.nn.Module):
@@ -312,7 +324,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + state.epoch),
             )
             model.train()
-            bar = tqdm(loader, total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+            bar = tqdm(_one_line_errors(loader), total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
                        disable=not (progress and info.is_main), leave=False)
             for batch in bar:
                 batch = batch.to(device)
