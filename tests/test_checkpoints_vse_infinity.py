@@ -147,12 +147,64 @@ def test_unknown_files_are_refused(tmp_path: Path) -> None:
         load_model(path)
 
 
-def test_grid_checkpoints_are_refused(tmp_path: Path) -> None:
+def upstream_grid_states(model) -> list[dict[str, torch.Tensor]]:
+    """Upstream grid layout: `backbone.resnet.*` (with its classifier) plus the same tensors as `backbone.base.*` /
+    `backbone.top.0.*`, `image_encoder.{fc,gpool}.*`, everything under `module.` (DataParallel)."""
+    image: dict[str, torch.Tensor] = {}
+    base_of = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6"}
+    for key, value in model.state_dict().items():
+        if key.startswith("img_enc.backbone."):
+            rest = key.removeprefix("img_enc.backbone.")
+            head, name = rest.split(".", 1)
+            image[f"backbone.resnet.{rest}"] = value.clone()
+            dup = f"backbone.top.0.{name}" if head == "layer4" else f"backbone.base.{base_of[head]}.{name}"
+            image[dup] = image[f"backbone.resnet.{rest}"]
+        elif key.startswith("img_enc.image_encoder."):
+            image[key.removeprefix("img_enc.")] = value.clone()
+    image["backbone.resnet.fc.weight"], image["backbone.resnet.fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    assert {"image_encoder.fc.weight", "image_encoder.gpool.linear.weight", "backbone.base.6.0.bn3.running_var",
+            "backbone.top.0.2.conv3.weight", "backbone.resnet.layer4.2.conv3.weight"} <= set(image)
+    text = {k.removeprefix("txt_enc.").removeprefix("gru."): v.clone() for k, v in model.state_dict().items()
+            if k.startswith("txt_enc.")}
+    return [{f"module.{k}": v for k, v in image.items()}, {f"module.{k}": v for k, v in text.items()}]
+
+
+def test_grid_release_loads_strictly_and_reproduces_the_model(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    src = create_model(VseInfinityConfig(embed_dim=16, vocab_size=VOCAB, word_dim=8, backbone="butd_resnet101"))
+    with torch.no_grad():
+        src.img_enc.backbone.layer1[0].bn1.running_mean.uniform_(-0.5, 0.5)
+    src.eval()
+    states = upstream_grid_states(src)
+    write_vocab(tmp_path / "vocab.json", VOCAB - 1)  # + <mask> appended by the bigru branch
+    opt = argparse.Namespace(img_dim=2048, embed_size=16, precomp_enc_type="backbone", backbone_source="detector",
+                             input_scale_factor=2.0, no_imgnorm=False, no_txtnorm=False, vse_mean_warmup_epochs=1)
+    torch.save({"epoch": 25, "model": states, "best_rsum": 1.0, "opt": opt, "Eiters": 9}, tmp_path / "grid.pth")
+    loaded = load_model(tmp_path / "grid.pth", vocab=str(tmp_path / "vocab.json"))
+    assert loaded.config.model.backbone == "butd_resnet101"
+    assert (loaded.config.data.source, loaded.config.data.input_scale_factor) == ("images", 2.0)
+    images = torch.randn(2, 3, 64, 64)
+    _, captions, lengths = tiny_batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.encode_image(images).emb, src.encode_image(images).emb)
+        torch.testing.assert_close(loaded.model.encode_text(captions, lengths).emb,
+                                   src.encode_text(captions, lengths).emb)
+
+
+def test_grid_release_with_inconsistent_duplicates_is_refused() -> None:
     from itmatch.checkpoints.vse_infinity import convert
 
-    states = upstream_states(source_model("bigru"), "bigru")
-    with pytest.raises(CheckpointError, match="only region-feature models"):
-        convert({"model": states, "opt": argparse.Namespace(precomp_enc_type="backbone")})
+    torch.manual_seed(1)
+    src = create_model(VseInfinityConfig(embed_dim=16, vocab_size=VOCAB, word_dim=8, backbone="resnet50"))
+    states = upstream_grid_states(src)
+    key = "module.backbone.top.0.0.conv1.weight"
+    states[0][key] = torch.zeros_like(states[0][key])
+    opt = argparse.Namespace(precomp_enc_type="backbone", backbone_source="imagenet_res50")
+    with pytest.raises(CheckpointError, match="backbone.top.0.0.conv1.weight differs"):
+        convert({"model": states, "opt": opt})
+    opt.backbone_source = "clip"
+    with pytest.raises(CheckpointError, match="unknown backbone_source 'clip'"):
+        convert({"model": states, "opt": opt})
 
 
 def test_cli_evaluates_a_release_on_a_dataset(tiny_data: Path, tmp_path: Path, capsys) -> None:

@@ -14,9 +14,21 @@ def test_every_preset_parses_and_builds(name: str, tiny_bert) -> None:
     model_cfg = cfg.model
     fields = {f.name for f in dataclasses.fields(model_cfg)}
     updates = {k: v for k, v in (("vocab_size", 20), ("image_dim", 16), ("bert_path", str(tiny_bert))) if k in fields}
+    if getattr(model_cfg, "backbone", ""):  # the full-size CNNs and their weight files are tested in test_backbones
+        updates |= {"backbone": "resnet_tiny", "backbone_weights": ""}
     model = create_model(dataclasses.replace(model_cfg, **updates))
     assert sum(p.numel() for p in model.parameters()) > 0
     assert config_from_dict(config_to_dict(cfg)) == cfg  # round trip through a checkpoint's dict
+
+
+def test_grid_presets_mirror_the_original_train_grid_script() -> None:
+    cfg = load_preset("vse_infinity_coco_butd_grid_bert")
+    m, d, t = cfg.model, cfg.data, cfg.train
+    assert (m.backbone, m.backbone_lr_factor, m.embedding_warmup_epochs, m.backbone_warmup_epochs) == (
+        "butd_resnet101", 0.01, 1, 0)
+    assert (m.vse_mean_warmup_epochs, m.backbone_frozen_bn, d.source, d.input_scale_factor) == (1, True, "images", 2.0)
+    assert (t.epochs, t.lr_update, t.lr, d.batch_size) == (25, 15, 5e-4, 128)
+    assert load_preset("vse_infinity_f30k_wsl_grid_bert").model.backbone == "resnext101_32x8d"
 
 
 def test_vsepp_presets_mirror_the_original_command_lines() -> None:

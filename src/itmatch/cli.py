@@ -139,9 +139,10 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
     import torch
 
     from itmatch.checkpoints.loader import load_model
-    from itmatch.data.precomp import PrecompSplit, resolve_root
+    from itmatch.data.precomp import resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
     from itmatch.inference import compute_sims
+    from itmatch.train import open_split
 
     if cxc and len(ckpts) != 1:
         raise ItmatchError("--cxc evaluates one model (its image-image and text-text rankings need embeddings)")
@@ -152,7 +153,7 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
         if not (data or loaded.config.data.path):
             raise ItmatchError(f"{path} does not record its dataset; pass --data DIR")
         root = resolve_root(data or loaded.config.data.path, split)
-        split_data = PrecompSplit(root, split)
+        split_data = open_split(loaded.config, root, split)
         if box_compat and "boxes" not in getattr(loaded.model, "extra_inputs", ()):
             raise ItmatchError(f"{path}: --box-compat applies to GSMN models only ({loaded.config.model.name})")
         if budget_mb is not None and hasattr(loaded.model, "budget_mb"):
@@ -289,6 +290,29 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- encode
+def _cmd_encode_images(args: argparse.Namespace) -> int:
+    from itmatch.checkpoints.loader import load_model
+    from itmatch.data.images import image_size
+    from itmatch.encode import encode_folder
+
+    loaded = load_model(args.ckpt, device=args.device, vocab=args.vocab or "", bert_path=args.bert_path or "")
+    backbone = getattr(loaded.config.model, "backbone", "")
+    if not backbone or not loaded.model.is_embedding_model():
+        raise ItmatchError(f"{args.ckpt}: encode-images needs a raw-image embedding model (VSE-infinity grid or "
+                           f"VSE++ with a CNN, model.backbone set); this is {loaded.config.model.name} on features")
+    scale = args.input_scale_factor or loaded.config.data.input_scale_factor
+    ckpt = Path(args.ckpt).resolve()
+    summary = encode_folder(loaded.model, args.dir, args.out, size=image_size(scale),
+                            normalisation="detector" if backbone.startswith("butd") else "imagenet",
+                            model_id=f"{ckpt}:{ckpt.stat().st_size}", batch_size=args.batch_size,
+                            chunk=args.chunk, workers=args.workers, skip_bad=args.skip_bad, device=args.device,
+                            progress=_progress(args))
+    print(f"wrote {summary['images']} embeddings of size {summary['dim']} to {summary['out']}"
+          + (f" ({summary['skipped']} unreadable images skipped)" if summary["skipped"] else ""))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- misc
 def _cmd_presets(args: argparse.Namespace) -> int:
     from itmatch.config import _preset_dir, list_presets
@@ -331,7 +355,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     write_json(results, out / "report.json")
     plot_recall_curves({"VSE++": results["curve"]}, out / "recall.png", title="VSE++, synthetic test split")
     print(f"report: {out / 'report.json'}, {out / 'recall.png'}; TensorBoard logs: {out / 'tb'}")
+    if args.raw:
+        _demo_raw(data, out / "raw", args)
     return 0
+
+
+def _demo_raw(data: Path, out: Path, args: argparse.Namespace) -> None:
+    """Extended demo: render the scenes and train VSE-infinity's grid variant on the pixels, from scratch."""
+    from itmatch.config import load_preset
+    from itmatch.data.synthetic import generate
+    from itmatch.evaluation import format_table
+    from itmatch.report import write_json
+    from itmatch.train import BEST, fit
+
+    progress = _progress(args)
+    if not (data / "id_mapping.json").is_file():
+        print(f"[raw 1/3] rendering the scenes to {data / 'images'} (the feature files stay the same) ...", flush=True)
+        generate(data, variant="f30k", seed=0, progress=progress, render=True)
+    cfg = load_preset("vse_infinity_synth_grid", [f"data.path={json.dumps(str(data))}", *(args.set or [])])
+    print(f"[raw 2/3] training VSE-infinity grid (tiny ResNet from scratch, preset vse_infinity_synth_grid, "
+          f"{cfg.train.epochs} epochs) into {out} ...", flush=True)
+    if (out / "checkpoint.pt").exists():
+        import shutil
+
+        shutil.rmtree(out)
+    summary = fit(cfg, out, progress=progress)
+    print("[raw 3/3] evaluating on the test split ...", flush=True)
+    results = _evaluate([str(out / BEST)], data=str(data), split="test", fold5=False, progress=progress)
+    results["train_seconds"] = summary["train_seconds"]
+    results.pop("curve", None)
+    print(format_table(results, title="VSE-infinity grid on the rendered test scenes (1000 images, 5000 captions)"))
+    write_json(results, out / "report.json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -441,6 +495,20 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--bert-path", help="BERT directory of an original BERT checkpoint")
     se.set_defaults(run=_cmd_search)
 
+    ei = sub.add_parser("encode-images", help="embed a folder of photos with a raw-image model (resumable)")
+    ei.add_argument("dir", help="folder of images (searched recursively)")
+    ei.add_argument("--ckpt", required=True, help="checkpoint of a raw-image model (itmatch or VSE-infinity grid)")
+    ei.add_argument("--out", required=True, help="output .npz (embeddings, paths, skipped); OUT.parts/ while running")
+    ei.add_argument("--batch-size", type=int, default=32)
+    ei.add_argument("--chunk", type=int, default=1024, help="images per resumable chunk")
+    ei.add_argument("--workers", type=int, default=0, help="decoding threads")
+    ei.add_argument("--skip-bad", action="store_true", help="skip unreadable images (default: stop with an error)")
+    ei.add_argument("--input-scale-factor", type=float, help="image side int(256 * this) (default: the model's)")
+    ei.add_argument("--device", default="cpu")
+    ei.add_argument("--vocab", help="vocabulary JSON of an original word-vocabulary checkpoint")
+    ei.add_argument("--bert-path", help="BERT directory of an original BERT checkpoint")
+    ei.set_defaults(run=_cmd_encode_images)
+
     pr = sub.add_parser("presets", help="list the packaged presets")
     pr.set_defaults(run=_cmd_presets)
 
@@ -448,6 +516,8 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--data", default="data/synth_f30k")
     dm.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    dm.add_argument("--raw", action="store_true",
+                    help="extended mode: also render the scenes and train a raw-image model on them (~10 min more)")
     dm.set_defaults(run=_cmd_demo)
     return p
 

@@ -30,6 +30,10 @@ class DataConfig:
     workers: int = 0  # the originals never pass num_workers to the precomp loader
     shuffle_captions: bool = False  # control experiment: pair training captions with random images
     train_images: int = 0  # train on the first N images of the training split only (0 = all); quick CPU runs
+    source: Literal["features", "images"] = "features"  # images: raw images via id_mapping.json (grid/CNN models)
+    image_dir: str = ""  # raw images: directory of the id_mapping.json paths ("" = DATA/flickr30k-images or images)
+    input_scale_factor: float = 1.0  # raw images: side int(256 * this) (VSE-infinity grid scripts: 2.0 -> 512)
+    skip_bad_images: bool = False  # raw images: drop pairs with unreadable images from training batches
 
 
 @dataclass(frozen=True, slots=True)

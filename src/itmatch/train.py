@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,11 @@ from itmatch import distributed
 from itmatch.checkpoints import native
 from itmatch.config import Config, config_from_dict, config_to_dict
 from itmatch.data.augment import AugmentedCaptions
+from itmatch.data.images import ImageSplit
 from itmatch.data.precomp import Batch, CaptionDataset, PrecompSplit, find_vocab, resolve_root
 from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab, vocab_words
 from itmatch.data.vocab import load_vocab
-from itmatch.errors import ConfigError, TrainingError
+from itmatch.errors import ConfigError, DataError, TrainingError
 from itmatch.evaluation import evaluate_sims
 from itmatch.inference import compute_sims
 from itmatch.models.base import RetrievalModel
@@ -51,19 +52,38 @@ class RunState:
     train_seconds: float = 0.0  # wall time spent training, summed over resumed sessions
 
 
-def resolve_config(cfg: Config) -> tuple[Config, PrecompSplit, CaptionTokenizer]:
+def open_split(cfg: Config, root: Path, split: str, *, max_images: int = 0,
+               threads: bool = True) -> PrecompSplit | ImageSplit:
+    """A split of the dataset at `root`: features, or raw images prepared for `cfg.model`'s backbone
+    (`threads`: decode batches in `data.workers` threads; off where DataLoader workers already parallelise)."""
+    dc = cfg.data
+    backbone = getattr(cfg.model, "backbone", "")
+    if dc.source == "features":
+        if backbone:
+            raise ConfigError(f"model.backbone={backbone!r} reads raw images; add --set data.source=images")
+        return PrecompSplit(root, split, max_images=max_images)
+    if not backbone:
+        raise ConfigError(f"data.source='images' needs a model with a CNN (model.backbone); {cfg.model.name} has "
+                          "none set")
+    return ImageSplit(root, split, input_scale_factor=dc.input_scale_factor, image_dir=dc.image_dir,
+                      normalisation="detector" if backbone.startswith("butd") else "imagenet",
+                      workers=dc.workers if threads else 0, skip_bad=dc.skip_bad_images, max_images=max_images)
+
+
+def resolve_config(cfg: Config) -> tuple[Config, PrecompSplit | ImageSplit, CaptionTokenizer]:
     """Open the training split and the model's tokenizer and fill in the data-dependent model fields."""
     if not cfg.data.path:
         raise ConfigError("no dataset: pass --data DIR or --set data.path=DIR")
     root = resolve_root(cfg.data.path, cfg.data.train_split)
-    split = PrecompSplit(root, cfg.data.train_split, max_images=cfg.data.train_images)
+    split = open_split(cfg, root, cfg.data.train_split, max_images=cfg.data.train_images,
+                       threads=cfg.data.workers == 0)
     vocab = load_vocab(find_vocab(root, cfg.data.vocab)) if uses_vocab(cfg.model) else None
     tokenizer = text_tokenizer(cfg.model, vocab)
     updates: dict[str, Any] = {}
     fields = {f.name for f in dataclasses.fields(cfg.model)}
     if "vocab_size" in fields:
         updates["vocab_size"] = len(tokenizer)
-    if "image_dim" in fields:
+    if "image_dim" in fields and isinstance(split, PrecompSplit):
         if cfg.model.image_dim not in (0, split.feature_dim):
             raise ConfigError(
                 f"model.image_dim={cfg.model.image_dim} but {split.images.path} has {split.feature_dim}-d features"
@@ -102,9 +122,22 @@ class _Batches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> Batch:
+        rng = np.random.default_rng([*self.key[:-1], self.key[-1] + i])
         if self.augment is None:
-            return self.dataset.batch(self.batches[i])
-        return self.augment.batch(self.batches[i], np.random.default_rng([*self.key[:-1], self.key[-1] + i]))
+            return self.dataset.batch(self.batches[i], rng)
+        return self.augment.batch(self.batches[i], rng)
+
+
+def _one_line_errors(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """Batches, with a DataLoader worker's error reduced to its own one-line message (the re-raised copy carries
+    the worker's traceback in its text)."""
+    try:
+        yield from batches
+    except DataError as err:
+        lines = str(err).strip().splitlines()
+        if len(lines) == 1:
+            raise
+        raise DataError(lines[-1].split(": ", 1)[-1]) from None
 
 
 class _TrainingLoss(torch.nn.Module):
@@ -135,8 +168,8 @@ def _rank_batches(batches: list[list[int]], info: distributed.DistInfo) -> list[
     return [distributed.shard(b, info.rank, info.world_size) for b in batches if len(b) >= info.world_size]
 
 
-def evaluate_model(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
-                   device: torch.device | str = "cpu", fold5: bool = False) -> dict:
+def evaluate_model(model: RetrievalModel, split: PrecompSplit | ImageSplit, vocab: CaptionTokenizer, *,
+                   batch_size: int = 128, device: torch.device | str = "cpu", fold5: bool = False) -> dict:
     """Encode a split and run the retrieval protocol on it."""
     return evaluate_sims(compute_sims(model, split, vocab, batch_size=batch_size, device=device), fold5=fold5)
 
@@ -249,7 +282,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     augment = None
     if tc.region_drop or tc.word_noise:
         augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
-    val_split = PrecompSplit(Path(dc.path), dc.val_split)
+    val_split = open_split(cfg, Path(dc.path), dc.val_split)
     if dc.val_split == dc.test_split:
         _logger.warning("model selection on the test split %r (data.val_split): the reported test numbers are then "
                         "optimistic; HREM's original does this, use the dev split for a clean protocol", dc.val_split)
@@ -291,10 +324,11 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + state.epoch),
             )
             model.train()
-            bar = tqdm(loader, total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+            bar = tqdm(_one_line_errors(loader), total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
                        disable=not (progress and info.is_main), leave=False)
             for batch in bar:
                 batch = batch.to(device)
+                model.on_step_start(state.step_in_epoch, len(batches))
                 extra: dict[str, torch.Tensor] = {}
                 if batch.image_lengths is not None:
                     extra["image_lengths"] = batch.image_lengths

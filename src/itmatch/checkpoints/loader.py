@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from itmatch.checkpoints import gsmn, hrem, native, scan, vse_infinity, vsrn
-from itmatch.config import Config, config_from_dict
+from itmatch.config import Config, DataConfig, config_from_dict
 from itmatch.data.precomp import find_vocab
 from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
 from itmatch.data.vocab import Vocabulary, load_vocab
@@ -133,7 +133,13 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
                 f"{path}: vocabulary {vocab} gives {len(tokenizer)} ids but the checkpoint embeds "
                 f"{model_cfg.vocab_size} words; pass the vocabulary the model was trained with"
             )
-        cfg = Config(model=model_cfg)
+        data = DataConfig()
+        if getattr(model_cfg, "backbone", ""):  # a grid model reads raw images at the size it was trained on
+            opt = ckpt.get("opt")
+            data = DataConfig(source="images", input_scale_factor=float(getattr(opt, "input_scale_factor", 1.0)))
+        cfg = Config(model=model_cfg, data=data)
+    if getattr(cfg.model, "backbone_weights", ""):  # initial CNN weights: the checkpoint's replace them
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone_weights=""))
     model = create_model(cfg.model, device=device)
     load_state_strict(model, state, str(path))
     model.eval()

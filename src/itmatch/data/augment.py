@@ -73,7 +73,8 @@ class AugmentedCaptions:
     def batch(self, indices: list[int], rng: np.random.Generator) -> Batch:
         """The batch of captions `indices` (sorted by caption length as `collate`), with `image_lengths`."""
         rows = [self.dataset.image_row(k) for k in indices]
-        feats = self.dataset.split.images[np.asarray(rows)]  # (B, R, D)
+        feats, kept = self.dataset.split.training_images(rows, rng)  # (B, R, D) features or (B, 3, S, S) images
+        rows, indices = [rows[i] for i in kept], [indices[i] for i in kept]
         images, tokens = [], []
         for i, k in enumerate(indices):
             image = feats[i]
@@ -81,9 +82,11 @@ class AugmentedCaptions:
                 image = image[kept_regions(len(image), self.region_drop, rng)]
             images.append(image)
             tokens.append(self.caption(k, rng))
+        order = sorted(range(len(indices)), key=lambda i: len(tokens[i]), reverse=True)  # as collate, stable
+        if feats.ndim == 4:  # raw images (B, 3, S, S): grid-size augmentation happens in the model
+            return collate([(images[i], tokens[i], indices[i], rows[i]) for i in order])
         width = max(len(im) for im in images)
         padded = [np.pad(im, ((0, width - len(im)), (0, 0))) for im in images]
-        order = sorted(range(len(indices)), key=lambda i: len(tokens[i]), reverse=True)  # as collate, stable
         batch = collate([(padded[i], tokens[i], indices[i], rows[i]) for i in order])
         batch.image_lengths = torch.tensor([len(images[i]) for i in order], dtype=torch.long)
         return batch

@@ -125,6 +125,10 @@ class PrecompSplit:
     def image_of(self, caption_index: int) -> int:
         return caption_index // self.im_div
 
+    def training_images(self, rows: list[int], rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+        """Features of `rows` for training and the positions kept (all: features need no random transform)."""
+        return self.images[np.asarray(rows)], list(range(len(rows)))
+
 
 @dataclass
 class Batch:
@@ -195,10 +199,15 @@ class CaptionDataset(torch.utils.data.Dataset):
         """Feature row paired with caption k (through the control permutation, if any)."""
         return self.split.image_of(int(self.caption_perm[k]) if self.caption_perm is not None else k)
 
-    def batch(self, indices: list[int]) -> Batch:
-        """Read a whole batch with one fancy-indexed copy from the mapped array."""
+    def batch(self, indices: list[int], rng: np.random.Generator | None = None) -> Batch:
+        """Read a whole batch with one fancy-indexed copy from the mapped array; with `rng` (training), raw images
+        get their random transforms and pairs whose image was skipped as unreadable leave the batch."""
         rows = [self.image_row(k) for k in indices]
-        feats = self.split.images[np.asarray(rows)]
+        if rng is None:
+            feats = self.split.images[np.asarray(rows)]
+        else:
+            feats, kept = self.split.training_images(rows, rng)
+            rows, indices = [rows[i] for i in kept], [indices[i] for i in kept]
         batch = collate([(feats[i], self.tokens[k], k, rows[i]) for i, k in enumerate(indices)])
         order = batch.ids.tolist()
         if self.boxes is not None:

@@ -1054,7 +1054,8 @@ def generate(
     names, dependency pairs from the grammar (`dependency_pairs`) and pre-tokenised word ids.
 
     Splits of size 0, or missing from a given `sizes`, are not written. `render` also draws every image to
-    `out/images/{id}.png`; `progress` shows a progress bar over images.
+    `out/images/{id}.png` and writes `out/id_mapping.json`, so that `out` is also a raw-image dataset
+    (`data.source = "images"`); `progress` shows a progress bar over images.
     """
     from tqdm import tqdm
 
@@ -1100,4 +1101,7 @@ def generate(
                 bar=bar,
             )
     _write_gsmn_files(root, counts)
+    if render:  # the raw-image layout of VSE-infinity: id -> file under images/
+        mapping = {i: f"{i}.png" for split in counts for i in (root / f"{split}_ids.txt").read_text().split()}
+        (root / "id_mapping.json").write_text(json.dumps(mapping) + "\n", encoding="utf-8")
     return counts

@@ -87,6 +87,9 @@ class RetrievalModel(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for per-epoch switches of the originals (e.g. hardest negatives after a warm-up)."""
 
+    def on_step_start(self, step: int, steps: int) -> None:
+        """Hook before training step `step` (0-based) of an epoch of `steps` steps (e.g. a loss warm-up)."""
+
     def training_state_dict(self) -> dict:
         """Training-only weights kept out of `state_dict()` (e.g. VSRN's caption branch); saved for exact resume."""
         return {}

@@ -1,13 +1,14 @@
 """VSE-infinity — Chen, Deng, Liu, Wang and Chuang, "Learning the Best Pooling Strategy for Visual Semantic
 Embedding", CVPR 2021.
 
-Port of github.com/woodfrog/vse_infty @ 29df9d6 (branch master: BERT text) and @ 8600f89 (branch bigru), region
-features path (`precomp_enc_type basic`). Image: `fc(v) + MLP(v)` per region (MLP = Linear -> BatchNorm -> ReLU
--> Linear, its second BatchNorm `bns.1` is created but never applied, kept for strict loading), GPO over the
-regions, l2norm (+1e-8). Text: BERT last hidden states -> Linear -> GPO, or a BiGRU (directions averaged) -> GPO,
-l2norm. Similarity = dot product. Training: hinge loss, VSE0 during `vse_mean_warmup_epochs` then hardest
-negatives; AdamW as upstream per branch; region dropping and word noise come from the data pipeline
-(`itmatch.data.augment`, switched on by `train.region_drop` / `train.word_noise`).
+Port of github.com/woodfrog/vse_infty @ 29df9d6 (branch master: BERT text) and @ 8600f89 (branch bigru).
+Region path (`precomp_enc_type basic`): `fc(v) + MLP(v)` per region (MLP = Linear -> BatchNorm -> ReLU -> Linear,
+its second BatchNorm `bns.1` is created but never applied, kept for strict loading), GPO over the regions, l2norm
+(+1e-8). Grid path (`backbone`, raw images; upstream `EncoderImageFull`): CNN grid (B, h*w, C) -> fc -> GPO ->
+l2norm, grid-size augmentation in training, stage-wise backbone unfreezing. Text: BERT last hidden states ->
+Linear -> GPO, or a BiGRU (directions averaged) -> GPO, l2norm. Similarity = dot product. Training: hinge loss,
+VSE0 during `vse_mean_warmup_epochs` then hardest negatives; AdamW as upstream per branch; region dropping and
+word noise come from the data pipeline (`itmatch.data.augment`, `train.region_drop` / `train.word_noise`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from itmatch.errors import ConfigError, DataError
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
+from itmatch.modules.backbones import create_backbone, load_backbone_weights
 from itmatch.modules.gpo import Gpo
 from itmatch.modules.norm import l2norm
 from itmatch.modules.region_mlp import RegionMlp
@@ -43,6 +45,14 @@ class VseInfinityConfig:
     no_imgnorm: bool = False
     no_txtnorm: bool = False
     vse_mean_warmup_epochs: int = 0  # epochs with the VSE0 loss before hardest negatives (upstream scripts: 1)
+    # Grid variant (upstream precomp_enc_type 'backbone'): "" = region features; else a backbone of
+    # itmatch.modules.backbones (butd_resnet101 = upstream 'detector', resnext101_32x8d = 'wsl', resnet152, ...).
+    backbone: str = ""
+    backbone_weights: str = ""  # ImageNet/WSL state dict or original_updown_backbone.pth, loaded when building
+    backbone_frozen_bn: bool = True  # upstream keeps the backbone's BatchNorms in eval mode
+    backbone_lr_factor: float = 0.01  # backbone lr = lr * this
+    embedding_warmup_epochs: int = 2  # epochs with the whole backbone frozen (upstream default 2, scripts 1)
+    backbone_warmup_epochs: int = 5  # then layer4, +layer3, +layer2, everything, each for this many epochs
 
     # The bigru branch appends <mask> to the loaded vocabulary (vocab_size = words in the JSON + 1).
     extra_tokens: ClassVar[tuple[str, ...]] = ("<mask>",)
@@ -51,12 +61,13 @@ class VseInfinityConfig:
 class RegionEncoder(nn.Module):
     """Region features (B, K, image_dim) + lengths -> (B, embed_dim) (upstream `EncoderImageAggr`, basic)."""
 
-    def __init__(self, image_dim: int, embed_dim: int, *, no_imgnorm: bool = False,
+    def __init__(self, image_dim: int, embed_dim: int, *, no_imgnorm: bool = False, mlp: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.fc = nn.Linear(image_dim, embed_dim, **dd)
-        self.mlp = RegionMlp(image_dim, embed_dim // 2, embed_dim, **dd)
+        # Grid features (upstream precomp_enc_type 'backbone') take fc alone, no MLP branch.
+        self.mlp = RegionMlp(image_dim, embed_dim // 2, embed_dim, **dd) if mlp else None
         self.gpool = Gpo(32, 32, **dd)
         self.no_imgnorm = no_imgnorm
         r = math.sqrt(6.0) / math.sqrt(image_dim + embed_dim)  # Xavier-uniform fc, zero bias, as upstream
@@ -64,8 +75,45 @@ class RegionEncoder(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, images: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.gpool(self.fc(images) + self.mlp(images), lengths)
+        x = self.fc(images) if self.mlp is None else self.fc(images) + self.mlp(images)
+        pooled, _ = self.gpool(x, lengths)
         return pooled if self.no_imgnorm else l2norm(pooled, eps=_EPS)
+
+
+def grid_size_augment(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream `EncoderImageFull` training augmentation: per image draw r ~ U[0,1); if r > 0.2, keep each grid
+    cell iff U[0,1) > 0.2 r (else keep all), kept cells moved to the front in order, zero-padded, the batch cut to
+    the longest. Returns (grid (B, L, C), lengths (B,)). Draws from torch's global generator, as dropout."""
+    b, n, _ = grid.shape
+    r = torch.rand(b, device=grid.device)
+    keep = torch.rand(b, n, device=grid.device) > 0.2 * r[:, None]
+    keep |= (r <= 0.2)[:, None] | ~keep.any(dim=1, keepdim=True)  # an image losing every cell keeps them all
+    lengths = keep.sum(dim=1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept cells first, original order
+    packed = grid.gather(1, order[..., None].expand_as(grid))
+    valid = torch.arange(n, device=grid.device)[None, :] < lengths[:, None]
+    packed = packed * valid[..., None].to(packed.dtype)
+    return packed[:, : int(lengths.max())], lengths
+
+
+class GridEncoder(nn.Module):
+    """Raw images -> CNN grid (B, h*w, C) -> fc -> GPO -> l2norm (upstream `EncoderImageFull` + 'backbone'
+    `EncoderImageAggr`); grid-size augmentation in training."""
+
+    def __init__(self, backbone: str, embed_dim: int, *, no_imgnorm: bool = False, frozen_bn: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.backbone = create_backbone(backbone, frozen_bn=frozen_bn, device=device, dtype=dtype)
+        self.image_encoder = RegionEncoder(self.backbone.out_channels, embed_dim, no_imgnorm=no_imgnorm, mlp=False,
+                                           device=device, dtype=dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.backbone.grid(images)  # (B, h*w, C)
+        if self.training:
+            grid, lengths = grid_size_augment(grid)
+        else:
+            lengths = torch.full((len(grid),), grid.shape[1], dtype=torch.long, device=grid.device)
+        return self.image_encoder(grid, lengths)
 
 
 class BiGruGpoText(nn.Module):
@@ -107,8 +155,16 @@ class VseInfinity(RetrievalModel):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self._epoch, self.loss_scale = -1, 1.0  # set by the training hooks
         dd = {"device": device, "dtype": dtype}
-        self.img_enc = RegionEncoder(cfg.image_dim, cfg.embed_dim, no_imgnorm=cfg.no_imgnorm, **dd)
+        self.img_enc: nn.Module
+        if cfg.backbone:
+            self.img_enc = GridEncoder(cfg.backbone, cfg.embed_dim, no_imgnorm=cfg.no_imgnorm,
+                                       frozen_bn=cfg.backbone_frozen_bn, **dd)
+            if cfg.backbone_weights:
+                load_backbone_weights(self.img_enc.backbone, cfg.backbone_weights)
+        else:
+            self.img_enc = RegionEncoder(cfg.image_dim, cfg.embed_dim, no_imgnorm=cfg.no_imgnorm, **dd)
         self.txt_enc: nn.Module
         match cfg.text_encoder:
             case "bigru":
@@ -118,7 +174,13 @@ class VseInfinity(RetrievalModel):
                 self.txt_enc = BertGpoText(cfg.bert_path, cfg.embed_dim, no_txtnorm=cfg.no_txtnorm, **dd)
 
     def encode_image(self, images: torch.Tensor, lengths: torch.Tensor | None = None) -> Encoded:
-        """images (B, K, image_dim); lengths (B,) valid regions (default: all K, as at evaluation)."""
+        """images (B, K, image_dim) with lengths (B,) valid regions (default: all K, as at evaluation), or raw
+        images (B, 3, S, S) for the grid variant."""
+        if self.cfg.backbone:
+            if images.ndim != 4:
+                raise DataError(f"vse_infinity with backbone {self.cfg.backbone!r} needs images (N, 3, H, W), got "
+                                f"{tuple(images.shape)}; train it with --set data.source=images")
+            return Encoded(self.img_enc(images))
         if images.ndim != 3:
             raise DataError(f"vse_infinity needs region features (N, regions, dim), got {tuple(images.shape)}")
         if lengths is None:
@@ -132,25 +194,63 @@ class VseInfinity(RetrievalModel):
         # Upstream train.py: from epoch `vse_mean_warmup_epochs` on, hardest negatives (and they stay on).
         if epoch >= self.cfg.vse_mean_warmup_epochs:
             self.max_violation = True
+        if self.cfg.backbone:
+            self.img_enc.backbone.set_fixed_blocks(backbone_fixed_blocks(
+                epoch, self.cfg.embedding_warmup_epochs, self.cfg.backbone_warmup_epochs))
+        self._epoch = epoch
+
+    def on_step_start(self, step: int, steps: int) -> None:
+        # Upstream train.py, grid models: in the epoch the backbone starts training, the loss is scaled by
+        # i / (len(dataset) // batch_size + 1) at iteration i (its "linear warm-up"; with AdamW it acts through
+        # gradient clipping). `steps` is our epoch length, ceil(len / batch), upstream's divisor when len % batch.
+        warm = bool(self.cfg.backbone) and self._epoch == self.cfg.embedding_warmup_epochs
+        self.loss_scale = step / steps if warm else 1.0
+
+    def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, epoch: int,
+                      image_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        terms = super().training_loss(images, captions, lengths, epoch=epoch, image_lengths=image_lengths)
+        return terms if self.loss_scale == 1.0 else {**terms, "loss": terms["loss"] * self.loss_scale}
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """AdamW as upstream: bert branch groups (text w/o BERT lr, BERT 0.1 lr, image lr) with weight decay 1e-4;
         bigru branch one group with torch's default weight decay 0.01 (it passes none)."""
-        if self.cfg.text_encoder == "bigru":
+        if self.cfg.text_encoder == "bigru" and not self.cfg.backbone:
             return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.01)
-        bert = {id(p) for p in self.txt_enc.bert.parameters()}
-        trainable = [p for p in self.txt_enc.parameters() if p.requires_grad]
+        if self.cfg.text_encoder == "bigru":
+            text = [{"params": list(self.txt_enc.parameters()), "lr": lr}]
+        else:
+            bert = {id(p) for p in self.txt_enc.bert.parameters()}
+            trainable = [p for p in self.txt_enc.parameters() if p.requires_grad]
+            text = [{"params": [p for p in trainable if id(p) not in bert], "lr": lr},
+                    {"params": [p for p in trainable if id(p) in bert], "lr": 0.1 * lr}]
+        if not self.cfg.backbone:
+            return torch.optim.AdamW([*text, {"params": list(self.img_enc.parameters()), "lr": lr}], lr=lr,
+                                     weight_decay=1e-4)
+        # Grid: backbone top (layer4) and base at lr * backbone_lr_factor, fc + GPO at lr, weight decay 1e-4.
+        backbone, factor = self.img_enc.backbone, self.cfg.backbone_lr_factor
         return torch.optim.AdamW([
-            {"params": [p for p in trainable if id(p) not in bert], "lr": lr},
-            {"params": [p for p in trainable if id(p) in bert], "lr": 0.1 * lr},
-            {"params": list(self.img_enc.parameters()), "lr": lr},
+            *text,
+            {"params": backbone.top_parameters(), "lr": lr * factor},
+            {"params": backbone.base_parameters(), "lr": lr * factor},
+            {"params": list(self.img_enc.image_encoder.parameters()), "lr": lr},
         ], lr=lr, weight_decay=1e-4)
+
+
+def backbone_fixed_blocks(epoch: int, embedding_warmup: int, backbone_warmup: int) -> int:
+    """Upstream's stage-wise unfreezing: the whole backbone frozen (4) for `embedding_warmup` epochs, then
+    3, 2, 1 fixed stages for `backbone_warmup` epochs each, then 0 (everything trains)."""
+    if epoch < embedding_warmup:
+        return 4
+    if backbone_warmup <= 0:
+        return 0
+    return max(0, 3 - (epoch - embedding_warmup) // backbone_warmup)
 
 
 @register_model("vse_infinity", VseInfinityConfig)
 def build(cfg: VseInfinityConfig, *, device: torch.device | str | None = None,
           dtype: torch.dtype | None = None) -> VseInfinity:
-    check_data_sizes(cfg, vocab=False)
+    if not cfg.backbone:
+        check_data_sizes(cfg, vocab=False)
     if cfg.text_encoder == "bigru" and cfg.vocab_size <= 0:
         raise ConfigError("vse_infinity: text_encoder 'bigru' needs model.vocab_size > 0 (set from the vocabulary)")
     return VseInfinity(cfg, device=device, dtype=dtype)
