@@ -43,6 +43,13 @@ from itmatch.data.tokenize import tokenize
 from itmatch.errors import ItmatchError
 from itmatch.search import Hit, Searcher
 
+try:  # optional (`itmatch[serve]`); imported here because the endpoints' annotations name these types
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+except ImportError:  # pragma: no cover - the service class works without them
+    FastAPI = None  # type: ignore[assignment,misc]
+
 _logger = logging.getLogger(__name__)
 
 IMAGE_DIR_NAMES = ("images", "flickr30k-images")
@@ -394,13 +401,8 @@ def page_html() -> str:
 
 def create_app(service: RetrievalService) -> Any:
     """The FastAPI application: JSON API under /api, the page at /, OpenAPI docs at /docs."""
-    try:
-        from fastapi import FastAPI, Query, Request
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-    except ImportError:
-        raise ItmatchError("`itmatch serve` needs FastAPI and uvicorn: pip install 'itmatch[serve]'") from None
-
+    if FastAPI is None:
+        raise ItmatchError("`itmatch serve` needs FastAPI and uvicorn: pip install 'itmatch[serve]'")
     limits = service.limits
     gate = Gate(limits.max_running, limits.max_waiting)
     app = FastAPI(title="itmatch retrieval", version="1",
