@@ -212,6 +212,7 @@ def test_scan_reranking_gives_word_to_region_attention(indexes: dict[str, Path],
     assert res.status_code == 200, res.text
     body = res.json()
     assert body["words"] == ["<start>", "a", "red", "cube", "left", "of", "a", "ball", ".", "<end>"]
+    assert body["image_size"] == [480, 320]  # the synthetic canvas, which the boxes are given in
     weights = np.array(body["weights"])
     assert weights.shape == (10, 36) and np.allclose(weights.sum(1), 1, atol=1e-4)  # t2i: each word over regions
     np.testing.assert_allclose(body["boxes"], np.load(synth_data / "test_boxes.npy")[0], atol=0.06)

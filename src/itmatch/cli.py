@@ -470,7 +470,8 @@ def _parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="retrieval web page and JSON API over one or two indexes (FastAPI)")
     sv.add_argument("--index", action="append", required=True,
                     help="index directory; give one of images (text queries) and/or one of captions (image queries)")
-    sv.add_argument("--rerank", metavar="CKPT", help="re-rank text queries with this model (SCAN: attention maps)")
+    sv.add_argument("--rerank", metavar="CKPT",
+                    help="re-rank the top --candidates of every query with this model (SCAN: attention maps)")
     sv.add_argument("--candidates", type=int, default=50, help="stage-one results re-ranked by --rerank")
     sv.add_argument("--data", help="dataset directory (default: the one the indexes were built from)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

@@ -215,6 +215,20 @@ class RetrievalService:
                 os.replace(tmp, cached)
         return cached
 
+    def image_size(self, key: str) -> list[int] | None:
+        """(width, height) in the pixels the boxes are given in: the picture file's, or the synthetic canvas."""
+        source = self._picture_file(key)
+        if source is not None:
+            from PIL import Image
+
+            with Image.open(source) as im:  # reads the header only
+                return list(im.size)
+        if key in self._scenes:
+            from itmatch.data.synthetic import CANVAS_H, CANVAS_W
+
+            return [CANVAS_W, CANVAS_H]
+        return None
+
     def _picture_file(self, key: str) -> Path | None:
         if self.image_dir is None:
             return None
@@ -305,7 +319,8 @@ class RetrievalService:
                                               loaded.model.encode_text(torch.tensor([tokens]),
                                                                        torch.tensor([len(tokens)])))[0, 0])
         return {"id": self.ids[row], "query": text, "direction": loaded.model.xattn.direction, "score": score,
-                "words": labels, "boxes": np.asarray(self._boxes[row], dtype=float).round(1).tolist(),
+                "image_size": self.image_size(str(self.ids[row])), "words": labels,
+                "boxes": np.asarray(self._boxes[row], dtype=float).round(1).tolist(),
                 "weights": weights.float().numpy().round(5).tolist()}
 
     def parse_features(self, body: bytes) -> np.ndarray:
