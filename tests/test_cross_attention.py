@@ -112,3 +112,25 @@ def test_packed_storage_gives_the_same_scores() -> None:
         got = xattn_similarity(images.double(), packed.emb, lengths, cfg, offsets=packed.offsets, budget_mb=0.01)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+@pytest.mark.parametrize("norm", ["clipped_l2norm", "softmax"])
+def test_attention_weights_are_the_ones_the_score_is_computed_with(direction: str, norm: str) -> None:
+    """Attending with `attention_weights`, then cosine + aggregation by hand, gives `xattn_scores` of the pair."""
+    from itmatch.modules.cross_attention import XAttnConfig, attention_weights, xattn_scores
+
+    g = torch.Generator().manual_seed(3)
+    regions, words = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g,
+                                                                                        dtype=torch.float64)
+    cfg = XAttnConfig(direction=direction, raw_feature_norm=norm, agg_func="Mean")
+    alpha = attention_weights(regions, words, cfg)  # (L, R)
+    assert alpha.shape == (4, 7)
+    if direction == "t2i":
+        torch.testing.assert_close(alpha.sum(1), torch.ones(4, dtype=torch.float64))
+        cos = torch.nn.functional.cosine_similarity(words, alpha @ regions, dim=-1)  # each word vs its attended
+    else:
+        torch.testing.assert_close(alpha.sum(0), torch.ones(7, dtype=torch.float64))
+        cos = torch.nn.functional.cosine_similarity(regions, alpha.T @ words, dim=-1)  # each region
+    score = xattn_scores(regions[None], words[None], torch.tensor([4]), cfg)[0, 0]
+    torch.testing.assert_close(cos.mean(), score)

@@ -313,6 +313,21 @@ def _cmd_encode_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from itmatch.serve import RetrievalService, ServeLimits, serve
+
+    limits = ServeLimits(max_query_chars=args.max_query_chars, max_k=args.max_k,
+                         max_upload_bytes=args.max_upload_mb << 20, max_running=args.max_running,
+                         max_waiting=args.max_waiting)
+    service = RetrievalService.open(args.index, rerank=args.rerank, candidates=args.candidates, data=args.data,
+                                    device=args.device, limits=limits, vocab=args.vocab or "",
+                                    bert_path=args.bert_path or "")
+    print(f"serving {', '.join(args.index)} on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops",
+          flush=True)
+    serve(service, host=args.host, port=args.port)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- misc
 def _cmd_presets(args: argparse.Namespace) -> int:
     from itmatch.config import _preset_dir, list_presets
@@ -355,6 +370,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     write_json(results, out / "report.json")
     plot_recall_curves({"VSE++": results["curve"]}, out / "recall.png", title="VSE++, synthetic test split")
     print(f"report: {out / 'report.json'}, {out / 'recall.png'}; TensorBoard logs: {out / 'tb'}")
+    print("search the test split in a browser (http://127.0.0.1:8000/):")
+    for line in serve_commands(out / BEST, data, out):
+        print(f"  {line}")
     if args.raw:
         _demo_raw(data, out / "raw", args)
     return 0
@@ -386,6 +404,14 @@ def _demo_raw(data: Path, out: Path, args: argparse.Namespace) -> None:
     results.pop("curve", None)
     print(format_table(results, title="VSE-infinity grid on the rendered test scenes (1000 images, 5000 captions)"))
     write_json(results, out / "report.json")
+
+
+def serve_commands(ckpt: Path, data: Path, out: Path, itmatch: str = "itmatch") -> list[str]:
+    """The commands that index a model's test split (images and captions) and serve them (`itmatch serve`)."""
+    images, captions = out / "index_images", out / "index_captions"
+    return [f"{itmatch} index build {ckpt} --data {data} --gallery images --out {images}",
+            f"{itmatch} index build {ckpt} --data {data} --gallery captions --out {captions}",
+            f"{itmatch} serve --index {images} --index {captions} --port 8000"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -508,6 +534,24 @@ def _parser() -> argparse.ArgumentParser:
     ei.add_argument("--vocab", help="vocabulary JSON of an original word-vocabulary checkpoint")
     ei.add_argument("--bert-path", help="BERT directory of an original BERT checkpoint")
     ei.set_defaults(run=_cmd_encode_images)
+    sv = sub.add_parser("serve", help="retrieval web page and JSON API over one or two indexes (FastAPI)")
+    sv.add_argument("--index", action="append", required=True,
+                    help="index directory; give one of images (text queries) and/or one of captions (image queries)")
+    sv.add_argument("--rerank", metavar="CKPT",
+                    help="re-rank the top --candidates of every query with this model (SCAN: attention maps)")
+    sv.add_argument("--candidates", type=int, default=50, help="stage-one results re-ranked by --rerank")
+    sv.add_argument("--data", help="dataset directory (default: the one the indexes were built from)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-query-chars", type=int, default=500)
+    sv.add_argument("--max-k", type=int, default=100)
+    sv.add_argument("--max-upload-mb", type=int, default=4, help="largest uploaded .npy of region features")
+    sv.add_argument("--max-running", type=int, default=4, help="searches computed at once")
+    sv.add_argument("--max-waiting", type=int, default=64, help="searches queued before answering 503")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--vocab", help="vocabulary JSON of an original checkpoint")
+    sv.add_argument("--bert-path", help="BERT directory of an original BERT checkpoint")
+    sv.set_defaults(run=_cmd_serve)
 
     pr = sub.add_parser("presets", help="list the packaged presets")
     pr.set_defaults(run=_cmd_presets)

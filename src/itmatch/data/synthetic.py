@@ -32,7 +32,7 @@ from numpy.lib.format import open_memmap
 
 from itmatch.errors import DataError
 
-__all__ = ["SPLITS_COCO", "SPLITS_F30K", "generate"]
+__all__ = ["SPLITS_COCO", "SPLITS_F30K", "generate", "render_scene"]
 
 SPLITS_F30K = {"train": 4000, "dev": 500, "test": 1000}
 SPLITS_COCO = {"train": 8000, "dev": 1000, "test": 1000, "testall": 5000}
@@ -906,6 +906,13 @@ def _render(scene: Sequence[_Obj], path: Path) -> None:
             hx, hy = x1 + (x2 - x1) // 4, y1 + (y2 - y1) // 3
             draw.ellipse((hx, hy, hx + max((x2 - x1) // 8, 3), hy + max((y2 - y1) // 10, 2)), fill=(250, 250, 250))
     image.save(path, compress_level=1)
+
+
+def render_scene(objects: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Draw a scene from its `scenes.jsonl` record's "objects" to a PNG (what `generate(render=True)` writes)."""
+    scene = [_Obj(o["colour"], o["shape"], o["size"], o["material"], tuple(o["box"]), o["depth"], 1.0)
+             for o in objects]
+    _render(scene, Path(path))
 
 
 # -------------------------------------------------------------------------------------------------- writing

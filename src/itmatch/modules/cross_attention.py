@@ -141,6 +141,24 @@ def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Te
     return _aggregate(cos, cfg, None, None).T
 
 
+def attention_weights(regions: torch.Tensor, words: torch.Tensor, cfg: XAttnConfig) -> torch.Tensor:
+    """The attention weights of one image-caption pair, as `xattn_scores` computes them, laid out word x region.
+
+    Args:
+        regions: (R, d) region features of one image.
+        words: (L, d) word features of one caption (valid words only).
+    Returns:
+        (L, R) weights. t2i (words attend to regions): row l is word l's softmax over the regions (rows sum to 1).
+        i2t (regions attend to words): column r is region r's softmax over the words (columns sum to 1).
+    """
+    dots = regions @ words.T  # (R, L)
+    if cfg.direction == "t2i":  # raw scores normalised over the words (query axis), softmax over the regions
+        w = _raw_norm(dots, cfg.raw_feature_norm, None, cfg.eps, inplace=False)
+        return torch.softmax(w * cfg.lambda_softmax, dim=0).T
+    w = _raw_norm(dots.T, cfg.raw_feature_norm, None, cfg.eps, inplace=False)  # (L, R): over regions, then words
+    return torch.softmax(w * cfg.lambda_softmax, dim=0)
+
+
 def tile_shape(n_images: int, n_captions: int, regions: int, words: int, itemsize: int,
                budget_mb: float) -> tuple[int, int]:
     """Images x captions per tile so that the ~6 live (Ni, Nc, R, L) intermediates fit in `budget_mb`."""
