@@ -27,6 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-8  # upstream: l2norm adds 1e-8 to the norm, the cosine clamps the norm product at 1e-8
+# Attention weights are kept scaled by 2^32: softmax weights reach e^(-2 lambda) / n and their pairwise products
+# (the quadratic forms below) would otherwise fall into float32 subnormals, whose arithmetic is ~100x slower on
+# x86 CPUs. A cosine does not depend on the scale of the attended vector, so only its clamp threshold scales
+# along; a power of two scales exactly.
+ALPHA_SCALE = 2.0**32
 
 
 class WeightNormLinear(nn.Module):
@@ -162,22 +167,11 @@ def _node_scores(match: torch.Tensor, maps: torch.Tensor, shift: torch.Tensor, h
     return torch.matmul(w2, t)  # (nodes, X)
 
 
-def _upper_pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    iu = torch.triu_indices(n, n, device=device)
-    return iu[0], iu[1]
-
-
-def _symmetric_weights(gram: torch.Tensor) -> torch.Tensor:
-    """(..., n, n) symmetric matrices -> (..., n(n+1)/2) entries s <= t, off-diagonal ones doubled."""
-    n = gram.shape[-1]
-    iu, ju = _upper_pairs(n, gram.device)
-    return torch.where(iu == ju, 1.0, 2.0).to(gram.dtype) * gram[..., iu, ju]
-
-
-def _pair_products(a: torch.Tensor) -> torch.Tensor:
-    """(B, n, X) attention weights -> (B, n(n+1)/2, X) products a_s a_t, s <= t (the order of `_symmetric_weights`)."""
-    iu, ju = _upper_pairs(a.shape[1], a.device)
-    return a.index_select(1, iu) * a.index_select(1, ju)
+def _block_gram(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """(B, n, d) items -> (B, K*n, n): per block k the Gram matrix G_k = X_k X_k^T, stacked over blocks."""
+    b, n, d = x.shape
+    xb = x.reshape(b, n, n_blocks, d // n_blocks).transpose(1, 2).contiguous()  # (B, K, n, blk), fast operands
+    return (xb @ xb.transpose(-1, -2)).view(b, n_blocks * n, n)
 
 
 def _norm(x: torch.Tensor, dim: int, inplace: bool) -> torch.Tensor:
@@ -199,9 +193,8 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
         lengths: (Nc,) words per caption.
         visual / textual: (stacked kernel weight (out, n_blocks), stacked bias or None, head) of each graph.
 
-    The squared norms of the attended blocks are quadratic forms a^T G a of a symmetric Gram matrix G; they are
-    computed as sum_{s<=t} G'_st (a_s a_t) with G' = G with doubled off-diagonal entries: the products of every
-    attention row, one batched matrix product with the G' of all blocks, half the work of G a and no reduction.
+    The squared norms of the attended blocks, a^T G_k a, come from one batched product G a laid out so that the
+    reduction a^T (G a) runs over a middle dimension (contiguous rows, vectorised).
     """
     ni, r, d = images.shape
     nc, L, _ = captions.shape
@@ -219,15 +212,15 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     # Regions query words: normalise over regions, softmax over the caption's words.
     x = s / (_norm(s, 1, inplace) + EPS)
     e = torch.exp(lambda_softmax * x) * vmask[None, None]
-    alpha = e.div_(e.sum(-1, keepdim=True)) if inplace else e / e.sum(-1, keepdim=True)  # (Ni, R, Nc, L)
+    z = e.sum(-1, keepdim=True) / ALPHA_SCALE
+    alpha = e.div_(z) if inplace else e / z  # (Ni, R, Nc, L), ALPHA_SCALE times the softmax
     prod = dots_b.view(n_blocks, ni * r, nc, L) * alpha.view(ni * r, nc, L)
     num = (prod.view(-1, L) @ vmask.new_ones(L)).view(n_blocks, ni * r, nc)  # sum over words as a matvec
-    cb = captions.reshape(nc, L, n_blocks, blk).transpose(1, 2)  # (Nc, K, L, blk)
-    gram_w = _symmetric_weights(cb @ cb.transpose(-1, -2))  # (Nc, K, L(L+1)/2)
     a_c = alpha.permute(2, 3, 0, 1).reshape(nc, L, ni * r)
-    ctx_sq = torch.bmm(gram_w, _pair_products(a_c)).clamp(min=0)  # (Nc, K, Ni*R)
+    ga = torch.bmm(_block_gram(captions, n_blocks), a_c).view(nc, n_blocks, L, ni * r)
+    ctx_sq = (ga.mul_(a_c[:, None]) if inplace else ga * a_c[:, None]).sum(2).clamp(min=0)  # (Nc, K, Ni*R)
     q_norm = images.reshape(ni * r, n_blocks, blk).norm(dim=-1)  # (Ni*R, K)
-    den = (q_norm.T[:, :, None] * ctx_sq.permute(1, 2, 0).sqrt()).clamp(min=EPS)  # (K, Ni*R, Nc)
+    den = (q_norm.T[:, :, None] * ctx_sq.permute(1, 2, 0).sqrt()).clamp(min=EPS * ALPHA_SCALE)  # (K, Ni*R, Nc)
     m_v = (num.div_(den) if inplace else num / den).transpose(0, 1).contiguous()  # (Ni*R, K, Nc)
     weight, bias, head = visual
     maps, shift = _folded_head_input(image_coef.to(m_v.dtype), weight, bias, head, n_kernels)
@@ -237,15 +230,15 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     # Words query regions: normalise over the caption's words, softmax over regions.
     x = s / (_norm(s, -1, inplace) + EPS)
     e = torch.exp(lambda_softmax * x)
-    alpha = e.div_(e.sum(1, keepdim=True)) if inplace else e / e.sum(1, keepdim=True)  # (Ni, R, Nc, L)
+    z = e.sum(1, keepdim=True) / ALPHA_SCALE
+    alpha = e.div_(z) if inplace else e / z  # (Ni, R, Nc, L), ALPHA_SCALE times the softmax
     a_i = alpha.view(ni, r, nc * L)
     prod = dots_b.view(n_blocks, ni, r, nc * L)
     num = (prod.mul_(a_i) if inplace else prod * a_i).sum(2)  # (K, Ni, Nc*L)
-    ib = images.reshape(ni, r, n_blocks, blk).transpose(1, 2)  # (Ni, K, R, blk)
-    gram_v = _symmetric_weights(ib @ ib.transpose(-1, -2))  # (Ni, K, R(R+1)/2)
-    ctx_sq = torch.bmm(gram_v, _pair_products(a_i)).clamp(min=0)  # (Ni, K, Nc*L)
+    ga = torch.bmm(_block_gram(images, n_blocks), a_i).view(ni, n_blocks, r, nc * L)
+    ctx_sq = (ga.mul_(a_i[:, None]) if inplace else ga * a_i[:, None]).sum(2).clamp(min=0)  # (Ni, K, Nc*L)
     w_norm = captions.reshape(nc * L, n_blocks, blk).norm(dim=-1)  # (Nc*L, K)
-    den = (w_norm.T[:, None, :] * ctx_sq.transpose(0, 1).sqrt()).clamp(min=EPS)  # (K, Ni, Nc*L)
+    den = (w_norm.T[:, None, :] * ctx_sq.transpose(0, 1).sqrt()).clamp(min=EPS * ALPHA_SCALE)  # (K, Ni, Nc*L)
     m_t = (num.div_(den) if inplace else num / den).permute(2, 0, 1).contiguous()  # (Nc*L, K, Ni)
     weight, bias, head = textual
     maps, shift = _folded_head_input(caption_coef.to(m_t.dtype), weight, bias, head, n_kernels)
