@@ -255,9 +255,13 @@ def tile_bytes_per_pair(regions: int, words: int, n_blocks: int, itemsize: int) 
 
 def gsmn_tiles(n_images: int, n_captions: int, regions: int, words: int, n_blocks: int, itemsize: int,
                budget_mb: float) -> tuple[int, int]:
-    """Images x captions per tile within `budget_mb` of intermediates (changes speed, never scores)."""
+    """Images x captions per tile within `budget_mb` of intermediates (changes speed, never scores).
+
+    Tiles hold about as many regions as words (Ni R ~ Nc L): the per-block region-word products are square-ish
+    matrix products, and the per-image Gram matrices (R^2 d each, recomputed per tile) are shared by more captions.
+    """
     pairs = max(1, int(budget_mb * 2**20 // tile_bytes_per_pair(regions, words, n_blocks, itemsize)))
-    tc = min(n_captions, max(1, int(math.sqrt(pairs))))
+    tc = min(n_captions, max(1, round(math.sqrt(pairs * regions / max(words, 1)))))
     ti = min(n_images, max(1, pairs // tc))
     if ti == n_images:
         tc = min(n_captions, max(1, pairs // ti))
