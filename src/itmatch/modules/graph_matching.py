@@ -15,6 +15,8 @@ The original loops over captions and materialises the attended vectors. Here one
 dot products (one batched matrix product gives all of them; their sum over blocks is the raw score) and Gram
 matrices: with attention alpha over context items x_s, <q_b, sum_s alpha_s x_sb> = sum_s alpha_s <q_b, x_sb> and
 ||sum_s alpha_s x_sb||^2 = alpha^T G_b alpha, G_b = X_b X_b^T, so no (pair, node, d) tensor is ever formed.
+At the structure level the coefficient scaling, the kernel maps and out_1 fold into one small matrix per node
+(`_folded_head_input`), and tanh is evaluated as 2 sigmoid(2x) - 1.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-8  # upstream: l2norm adds 1e-8 to the norm, the cosine clamps the norm product at 1e-8
-# Attention weights are kept scaled by 2^32: softmax weights reach e^(-2 lambda) / n and their pairwise products
-# (the quadratic forms below) would otherwise fall into float32 subnormals, whose arithmetic is ~100x slower on
-# x86 CPUs. A cosine does not depend on the scale of the attended vector, so only its clamp threshold scales
-# along; a power of two scales exactly.
+# Attention weights are kept scaled by 2^32: softmax weights reach e^(-2 lambda) / n, and the products of two of
+# them in the quadratic forms a^T G a below would otherwise fall into float32 subnormals, whose arithmetic is far
+# slower on x86 CPUs. A cosine does not depend on the scale of the attended vector, so only its clamp threshold
+# scales along; a power of two scales exactly.
 ALPHA_SCALE = 2.0**32
 
 
