@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -183,10 +184,37 @@ def _norm(x: torch.Tensor, dim: int, inplace: bool) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=dim, keepdim=True)  # its gradient at 0 is 0, sqrt's is not
 
 
+class CaptionTile(NamedTuple):
+    """What `gsmn_tile_scores` needs of a tile's captions, independent of the images (computed once per tile)."""
+
+    words: torch.Tensor  # (Nc, L, d), zero past each length
+    mask: torch.Tensor  # (Nc, L), 1 on the caption's words
+    gram: torch.Tensor  # (Nc, K*L, L) per-block Gram matrices
+    norms: torch.Tensor  # (Nc*L, K) per-block word norms
+    maps: torch.Tensor  # (Nc*L, hid, K) and shift (hid,): the textual head's folded input (`_folded_head_input`)
+    shift: torch.Tensor
+    mean_w: torch.Tensor  # (Nc, L), 1/length on the caption's words
+
+
+def prepare_captions(captions: torch.Tensor, caption_coef: torch.Tensor, lengths: torch.Tensor, *, n_blocks: int,
+                     textual: tuple[torch.Tensor, torch.Tensor | None, MatchHead], n_kernels: int) -> CaptionTile:
+    """The caption side of a tile (see `gsmn_tile_scores`), to share between the tiles of an image gallery."""
+    nc, L, d = captions.shape
+    valid = torch.arange(L, device=captions.device)[None, :] < lengths.to(captions.device)[:, None]  # (Nc, L)
+    mask = valid.to(captions.dtype)
+    words = captions * mask[..., None]
+    weight, bias, head = textual
+    maps, shift = _folded_head_input(caption_coef.to(words.dtype), weight, bias, head, n_kernels)
+    return CaptionTile(words, mask, _block_gram(words, n_blocks),
+                       words.reshape(nc * L, n_blocks, d // n_blocks).norm(dim=-1), maps, shift,
+                       mask / lengths.to(mask.device, mask.dtype)[:, None])
+
+
 def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: torch.Tensor,
                      caption_coef: torch.Tensor, lengths: torch.Tensor, *, n_blocks: int, lambda_softmax: float,
                      visual: tuple[torch.Tensor, torch.Tensor | None, MatchHead],
-                     textual: tuple[torch.Tensor, torch.Tensor | None, MatchHead], n_kernels: int) -> torch.Tensor:
+                     textual: tuple[torch.Tensor, torch.Tensor | None, MatchHead], n_kernels: int,
+                     prepared: CaptionTile | None = None) -> torch.Tensor:
     """(Ni, Nc) GSMN scores of one tile.
 
     Args:
@@ -194,6 +222,7 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
         captions: (Nc, L, d) word features (positions >= length ignored); caption_coef (Nc, L, K).
         lengths: (Nc,) words per caption.
         visual / textual: (stacked kernel weight (out, n_blocks), stacked bias or None, head) of each graph.
+        prepared: `prepare_captions` of these captions, when the caller scores them against several image tiles.
 
     The squared norms of the attended blocks, a^T G_k a, come from one batched product G a laid out so that the
     reduction a^T (G a) runs over a middle dimension (contiguous rows, vectorised).
@@ -201,9 +230,10 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     ni, r, d = images.shape
     nc, L, _ = captions.shape
     blk = d // n_blocks
-    valid = torch.arange(L, device=captions.device)[None, :] < lengths.to(captions.device)[:, None]  # (Nc, L)
-    vmask = valid.to(captions.dtype)
-    captions = captions * vmask[..., None]
+    if prepared is None:
+        prepared = prepare_captions(captions, caption_coef, lengths, n_blocks=n_blocks, textual=textual,
+                                    n_kernels=n_kernels)
+    captions, vmask = prepared.words, prepared.mask
     vb = images.reshape(ni * r, n_blocks, blk).transpose(0, 1)  # (K, Ni*R, blk)
     wb = captions.reshape(nc * L, n_blocks, blk).permute(1, 2, 0)  # (K, blk, Nc*L)
     dots_b = torch.bmm(vb, wb)  # (K, Ni*R, Nc*L) per-block region-word dot products
@@ -219,7 +249,7 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     prod = dots_b.view(n_blocks, ni * r, nc, L) * alpha.view(ni * r, nc, L)
     num = (prod.view(-1, L) @ vmask.new_ones(L)).view(n_blocks, ni * r, nc)  # sum over words as a matvec
     a_c = alpha.permute(2, 3, 0, 1).reshape(nc, L, ni * r)
-    ga = torch.bmm(_block_gram(captions, n_blocks), a_c).view(nc, n_blocks, L, ni * r)
+    ga = torch.bmm(prepared.gram, a_c).view(nc, n_blocks, L, ni * r)
     ctx_sq = (ga.mul_(a_c[:, None]) if inplace else ga * a_c[:, None]).sum(2).clamp(min=0)  # (Nc, K, Ni*R)
     q_norm = images.reshape(ni * r, n_blocks, blk).norm(dim=-1)  # (Ni*R, K)
     den = (q_norm.T[:, :, None] * ctx_sq.permute(1, 2, 0).sqrt()).clamp(min=EPS * ALPHA_SCALE)  # (K, Ni*R, Nc)
@@ -239,14 +269,11 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     num = (prod.mul_(a_i) if inplace else prod * a_i).sum(2)  # (K, Ni, Nc*L)
     ga = torch.bmm(_block_gram(images, n_blocks), a_i).view(ni, n_blocks, r, nc * L)
     ctx_sq = (ga.mul_(a_i[:, None]) if inplace else ga * a_i[:, None]).sum(2).clamp(min=0)  # (Ni, K, Nc*L)
-    w_norm = captions.reshape(nc * L, n_blocks, blk).norm(dim=-1)  # (Nc*L, K)
-    den = (w_norm.T[:, None, :] * ctx_sq.transpose(0, 1).sqrt()).clamp(min=EPS * ALPHA_SCALE)  # (K, Ni, Nc*L)
+    den = (prepared.norms.T[:, None, :] * ctx_sq.transpose(0, 1).sqrt()).clamp(min=EPS * ALPHA_SCALE)  # (K, Ni, Nc*L)
     m_t = (num.div_(den) if inplace else num / den).permute(2, 0, 1).contiguous()  # (Nc*L, K, Ni)
-    weight, bias, head = textual
-    maps, shift = _folded_head_input(caption_coef.to(m_t.dtype), weight, bias, head, n_kernels)
-    node = _node_scores(m_t, maps, shift, head, inplace).view(nc, L, ni)
-    mean_w = vmask / lengths.to(vmask.device, vmask.dtype)[:, None]  # (Nc, L): 1/length on the caption's words
-    score_t = (node * mean_w[..., None]).sum(1).T + head.out_2.bias.to(node.dtype)
+    head = textual[2]
+    node = _node_scores(m_t, prepared.maps, prepared.shift, head, inplace).view(nc, L, ni)
+    score_t = (node * prepared.mean_w[..., None]).sum(1).T + head.out_2.bias.to(node.dtype)
     return score_v + score_t
 
 
