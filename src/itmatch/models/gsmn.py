@@ -33,6 +33,7 @@ from itmatch.modules.graph_matching import (
     WordGraphKernels,
     gsmn_tile_scores,
     gsmn_tiles,
+    prepare_captions,
     sparse_adjacency,
 )
 from itmatch.modules.norm import l2norm
@@ -131,12 +132,14 @@ class Gsmn(RetrievalModel):
             cols = order[start : start + tc].to(texts.emb.device)
             caps = gather_words(texts.emb, lengths, offsets, cols, longest).to(feats.device, feats.dtype)
             lens = lengths[cols].to(feats.device)
+            prepared = prepare_captions(caps[..., :d], caps[..., d:], lens, n_blocks=self.cfg.num_block,
+                                        textual=textual, n_kernels=self.cfg.n_kernels)
             for i0 in range(0, ni, ti):
                 block = feats[i0 : i0 + ti]
                 out[i0 : i0 + ti, cols.to(feats.device)] = gsmn_tile_scores(
                     block[..., :d], block[..., d:], caps[..., :d], caps[..., d:], lens,
                     n_blocks=self.cfg.num_block, lambda_softmax=self.cfg.lambda_softmax,
-                    visual=visual, textual=textual, n_kernels=self.cfg.n_kernels)
+                    visual=visual, textual=textual, n_kernels=self.cfg.n_kernels, prepared=prepared)
             start += tc
         return out
 
