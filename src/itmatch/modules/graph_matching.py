@@ -210,11 +210,36 @@ def prepare_captions(captions: torch.Tensor, caption_coef: torch.Tensor, lengths
                        mask / lengths.to(mask.device, mask.dtype)[:, None])
 
 
+class ImageTile(NamedTuple):
+    """What `gsmn_tile_scores` needs of a tile's images, independent of the captions (computed once per tile)."""
+
+    gram: torch.Tensor  # (Ni, K*R, R) per-block Gram matrices of the regions
+    norms: torch.Tensor  # (Ni*R, K) per-block region norms
+    maps: torch.Tensor  # (Ni*R, hid, K) and shift (hid,): the visual head's folded input (`_folded_head_input`)
+    shift: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> ImageTile:
+        """Images start..stop-1 (views, no copy)."""
+        r = self.gram.shape[-1]
+        return ImageTile(self.gram[start:stop], self.norms[start * r : stop * r], self.maps[start * r : stop * r],
+                         self.shift)
+
+
+def prepare_images(images: torch.Tensor, image_coef: torch.Tensor, *, n_blocks: int,
+                   visual: tuple[torch.Tensor, torch.Tensor | None, MatchHead], n_kernels: int) -> ImageTile:
+    """The image side of a tile (see `gsmn_tile_scores`), to share between the caption tiles of a gallery."""
+    ni, r, d = images.shape
+    weight, bias, head = visual
+    maps, shift = _folded_head_input(image_coef.to(images.dtype), weight, bias, head, n_kernels)
+    return ImageTile(_block_gram(images, n_blocks), images.reshape(ni * r, n_blocks, d // n_blocks).norm(dim=-1),
+                     maps, shift)
+
+
 def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: torch.Tensor,
                      caption_coef: torch.Tensor, lengths: torch.Tensor, *, n_blocks: int, lambda_softmax: float,
                      visual: tuple[torch.Tensor, torch.Tensor | None, MatchHead],
                      textual: tuple[torch.Tensor, torch.Tensor | None, MatchHead], n_kernels: int,
-                     prepared: CaptionTile | None = None) -> torch.Tensor:
+                     prepared: CaptionTile | None = None, prepared_images: ImageTile | None = None) -> torch.Tensor:
     """(Ni, Nc) GSMN scores of one tile.
 
     Args:
@@ -223,6 +248,7 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
         lengths: (Nc,) words per caption.
         visual / textual: (stacked kernel weight (out, n_blocks), stacked bias or None, head) of each graph.
         prepared: `prepare_captions` of these captions, when the caller scores them against several image tiles.
+        prepared_images: `prepare_images` of these images, when the caller scores them against several caption tiles.
 
     The squared norms of the attended blocks, a^T G_k a, come from one batched product G a laid out so that the
     reduction a^T (G a) runs over a middle dimension (contiguous rows, vectorised).
@@ -233,6 +259,8 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     if prepared is None:
         prepared = prepare_captions(captions, caption_coef, lengths, n_blocks=n_blocks, textual=textual,
                                     n_kernels=n_kernels)
+    if prepared_images is None:
+        prepared_images = prepare_images(images, image_coef, n_blocks=n_blocks, visual=visual, n_kernels=n_kernels)
     captions, vmask = prepared.words, prepared.mask
     vb = images.reshape(ni * r, n_blocks, blk).transpose(0, 1)  # (K, Ni*R, blk)
     wb = captions.reshape(nc * L, n_blocks, blk).permute(1, 2, 0)  # (K, blk, Nc*L)
@@ -251,12 +279,11 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     a_c = alpha.permute(2, 3, 0, 1).reshape(nc, L, ni * r)
     ga = torch.bmm(prepared.gram, a_c).view(nc, n_blocks, L, ni * r)
     ctx_sq = (ga.mul_(a_c[:, None]) if inplace else ga * a_c[:, None]).sum(2).clamp(min=0)  # (Nc, K, Ni*R)
-    q_norm = images.reshape(ni * r, n_blocks, blk).norm(dim=-1)  # (Ni*R, K)
+    q_norm = prepared_images.norms  # (Ni*R, K)
     den = (q_norm.T[:, :, None] * ctx_sq.permute(1, 2, 0).sqrt()).clamp(min=EPS * ALPHA_SCALE)  # (K, Ni*R, Nc)
     m_v = (num.div_(den) if inplace else num / den).transpose(0, 1).contiguous()  # (Ni*R, K, Nc)
-    weight, bias, head = visual
-    maps, shift = _folded_head_input(image_coef.to(m_v.dtype), weight, bias, head, n_kernels)
-    node = _node_scores(m_v, maps, shift, head, inplace)  # (Ni*R, Nc)
+    head = visual[2]
+    node = _node_scores(m_v, prepared_images.maps, prepared_images.shift, head, inplace)  # (Ni*R, Nc)
     score_v = node.view(ni, r, nc).mean(1) + head.out_2.bias.to(node.dtype)  # (Ni, Nc)
 
     # Words query regions: normalise over the caption's words, softmax over regions.
@@ -267,7 +294,7 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     a_i = alpha.view(ni, r, nc * L)
     prod = dots_b.view(n_blocks, ni, r, nc * L)
     num = (prod.mul_(a_i) if inplace else prod * a_i).sum(2)  # (K, Ni, Nc*L)
-    ga = torch.bmm(_block_gram(images, n_blocks), a_i).view(ni, n_blocks, r, nc * L)
+    ga = torch.bmm(prepared_images.gram, a_i).view(ni, n_blocks, r, nc * L)
     ctx_sq = (ga.mul_(a_i[:, None]) if inplace else ga * a_i[:, None]).sum(2).clamp(min=0)  # (Ni, K, Nc*L)
     den = (prepared.norms.T[:, None, :] * ctx_sq.transpose(0, 1).sqrt()).clamp(min=EPS * ALPHA_SCALE)  # (K, Ni, Nc*L)
     m_t = (num.div_(den) if inplace else num / den).permute(2, 0, 1).contiguous()  # (Nc*L, K, Ni)
