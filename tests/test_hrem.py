@@ -434,6 +434,29 @@ def test_presets_follow_the_original_arguments(name: str, batch: int, mask_weigh
     assert d.val_split == "dev"  # selection on dev by default; the original's test selection is opt-in
 
 
+def test_vse0_warmup_replaces_only_the_base_term_in_its_epochs(tiny_bert: Path) -> None:
+    """Not upstream (synthetic preset only): the base term is VSE0, sum over all negatives, before the switch."""
+    from itmatch.losses import hinge_loss
+
+    model = hrem_model(tiny_bert, warmup_iterations=100, vse_mean_warmup_epochs=1).eval()
+    images, captions, lengths = tiny_batch()
+    ids = torch.tensor([0, 0, 1, 2, 3, 3])
+    with torch.no_grad():
+        sims = model.encode_image(images).emb @ model.encode_text(captions, lengths).emb.T
+    eye = torch.eye(6, dtype=torch.bool)
+    vse0 = ((0.2 + sims - sims.diagonal()[:, None]).clamp(min=0).masked_fill(eye, 0).sum()
+            + (0.2 + sims - sims.diagonal()[None, :]).clamp(min=0).masked_fill(eye, 0).sum())
+    terms = model.training_loss(images, captions, lengths, epoch=0, image_ids=ids)
+    torch.testing.assert_close(terms["base"].detach(), vse0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vse0, hinge_loss(sims, margin=0.2, max_violation=False), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(3)
+    terms = model.training_loss(images, captions, lengths, epoch=1, image_ids=ids)
+    torch.manual_seed(3)
+    torch.testing.assert_close(terms["base"].detach(), distance_weighted_triplet_loss(sims, ids), rtol=1e-5,
+                               atol=1e-5)
+    assert load_preset("hrem_f30k_bert").model.vse_mean_warmup_epochs == 0  # the original's loss throughout
+
+
 def test_synthetic_preset_mirrors_the_vse_infinity_one() -> None:
     hrem, vse = load_preset("hrem_synth_minilm"), load_preset("vse_infinity_synth_minilm")
     assert hrem.data == vse.data

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from itmatch.errors import CheckpointError, ConfigError, DataError
-from itmatch.losses import distance_weighted_triplet_loss
+from itmatch.losses import distance_weighted_triplet_loss, hinge_loss
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.instance_graph import InstanceGraph
 from itmatch.modules.norm import l2norm
@@ -64,6 +64,10 @@ class HremConfig:
     norm_input: bool = True  # graph nodes are the normalised embeddings (False: before l2norm)
     cross_loss: bool = True  # also T(img, cap_g) and T(img_g, cap)
     triplet_cutoff: float = 1.7  # distance above which negatives are never sampled; upstream 1.9 for COCO
+    # Not upstream (0 = the original): epochs in which the base term is VSE0 (the hinge summed over every negative
+    # of the batch) instead of the sampled triplet loss, whose 512-d distance weighting picks practically the
+    # hardest negative from the first step. For training from scratch on the synthetic data (hrem_synth_minilm).
+    vse_mean_warmup_epochs: int = 0
 
 
 def _xavier(module: nn.Module) -> None:
@@ -163,7 +167,10 @@ class Hrem(RetrievalModel):
         cap, cap_raw, words = self.txt_enc(captions, lengths)
         ids = torch.arange(len(img), device=img.device) if image_ids is None else image_ids.to(img.device)
         kw = {"cutoff": cfg.triplet_cutoff, "margin": self.margin}
-        base = distance_weighted_triplet_loss(img @ cap.T, ids, **kw)
+        if epoch < cfg.vse_mean_warmup_epochs:
+            base = hinge_loss(img @ cap.T, margin=self.margin, max_violation=False)
+        else:
+            base = distance_weighted_triplet_loss(img @ cap.T, ids, **kw)
         terms = {"base": base}
         if self.graph_active():
             nodes = None if cfg.norm_input else (img_raw, cap_raw)
@@ -216,6 +223,8 @@ def build(cfg: HremConfig, *, device: torch.device | str | None = None, dtype: t
         raise ConfigError(f"hrem: model.embed_dim={cfg.embed_dim} must be a multiple of model.nhead={cfg.nhead}")
     if not 0 < cfg.threshold <= 1:
         raise ConfigError(f"hrem: model.threshold must be in (0, 1], got {cfg.threshold}")
+    if cfg.vse_mean_warmup_epochs < 0:
+        raise ConfigError("hrem: model.vse_mean_warmup_epochs must be >= 0 (0 = the original's loss throughout)")
     if cfg.relation_topk < 1 or cfg.warmup_iterations < 0:
         raise ConfigError("hrem: model.relation_topk must be >= 1 and model.warmup_iterations >= 0")
     return Hrem(cfg, device=device, dtype=dtype)
