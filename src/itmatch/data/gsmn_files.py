@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from itmatch.data.precomp import PrecompSplit
+from itmatch.data.safe_pickle import AllowListUnpickler
 from itmatch.errors import DataError
 
 CAPTIONS_PER_IMAGE = 5
@@ -54,10 +55,10 @@ def _encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-class _ArrayUnpickler(pickle.Unpickler):
+class _ArrayUnpickler(AllowListUnpickler):
     """Rebuilds numpy arrays (object arrays included) and numpy scalars; refuses every other global."""
 
-    _ALLOWED = {
+    ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy.core.multiarray", "scalar"): _scalar,
@@ -66,17 +67,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _encode,
     }
-
-    def __init__(self, file: Any, path: Path) -> None:
-        super().__init__(file, encoding="latin1")
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise DataError(f"refusing to load {self._path}: its pickle references {module}.{name}; "
-                            "an image-size file holds only numbers and dicts") from None
+    EXPECTED = "an image-size file (numbers and dicts only)"
 
 
 def load_npy_safely(path: Path) -> np.ndarray:

@@ -15,8 +15,8 @@ import pickle
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
+from itmatch.data.safe_pickle import AllowListUnpickler
 from itmatch.data.tokenize import tokenize
 from itmatch.errors import DataError
 from itmatch.fileio import atomic_write
@@ -155,10 +155,10 @@ def _reconstructor(cls: type, base: type, state: object) -> object:
     return object.__new__(cls)
 
 
-class _VocabUnpickler(pickle.Unpickler):
+class _VocabUnpickler(AllowListUnpickler):
     """Unpickler that can only rebuild a plain object carrying ``word2idx``/``idx2word``/``idx``."""
 
-    _ALLOWED: dict[tuple[str, str], Any] = {
+    ALLOWED = {
         ("vocab", "Vocabulary"): _PickledVocabulary,
         ("__main__", "Vocabulary"): _PickledVocabulary,
         ("copy_reg", "_reconstructor"): _reconstructor,
@@ -166,19 +166,7 @@ class _VocabUnpickler(pickle.Unpickler):
         ("__builtin__", "object"): object,
         ("builtins", "object"): object,
     }
-
-    def __init__(self, file: Any, path: Path) -> None:
-        super().__init__(file, encoding="latin1")
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise DataError(
-                f"refusing to load {self._path}: the pickle references {module}.{name}, which a VSE++ "
-                "vocabulary never contains; use a trusted vocabulary file"
-            ) from None
+    EXPECTED = "a VSE++ vocabulary (use a trusted vocabulary file)"
 
 
 def _check_word2idx(word2idx: object, path: Path) -> dict[str, int]:
