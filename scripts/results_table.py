@@ -29,6 +29,7 @@ ROWS = [
     ("VSRN", "vsrn_synth", []),
     ("VSRN, no caption branch", "vsrn_synth", ["model.caption_loss_weight=0"]),
     ("GSMN sparse", "gsmn_synth_sparse", []),
+    ("GSMN sparse, VSE0 loss", "gsmn_synth_sparse", ["train.max_violation=false"]),
     ("VSE-infinity grid, tiny ResNet from scratch (raw images)", "vse_infinity_synth_grid", []),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
