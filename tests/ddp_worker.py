@@ -37,7 +37,7 @@ def grads(data: str, out_file: str) -> None:
     cfg, split, tokenizer = resolve_config(tiny_config(data))
     torch.manual_seed(0)
     model = build_model(cfg, device)
-    ddp = DistributedDataParallel(_TrainingLoss(model), find_unused_parameters=True)
+    ddp = DistributedDataParallel(_TrainingLoss(model))
     dataset = CaptionDataset(split, tokenizer)
     global_batch = epoch_batches(len(dataset), GLOBAL_BATCH, 0, 0)[0]
     batch = dataset.batch(distributed.shard(global_batch, info.rank, info.world_size))

@@ -12,6 +12,7 @@ makes the update equal to one process training on the concatenated batch.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     pad = max(counts) - len(x)
     if pad:
         x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-    parts = all_gather(x)
+    with warnings.catch_warnings():  # torch 2.13 marks it deprecated in favour of a private module; it works
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(x)
     return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
 
 

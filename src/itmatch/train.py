@@ -236,6 +236,9 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
         why = "scores pairs by cross attention" if not model.is_embedding_model() else "builds its loss from per-word"
         raise ConfigError(f"{cfg.model.name} {why if why[0] == 's' else why + ' and per-region features'}, which "
                           "are not gathered across processes; train it in one process (without torchrun)")
+    if info.enabled and getattr(cfg.model, "backbone", ""):
+        raise ConfigError(f"{cfg.model.name} with a backbone unfreezes its stages during training, which DDP (set up "
+                          "with the weights trainable at the start) would not synchronise; train it in one process")
     if tc.amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a GPU (train.device=cuda); on CPU use train.amp=bf16 or none")
     # Methods whose loss groups the captions of one image (HREM) take the batch's image ids.
@@ -262,10 +265,9 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        # Broadcasts rank 0's weights; find_unused_parameters: some encoders hold weights a loss never reaches
-        # (e.g. BERT's pooler).
-        trainer = DistributedDataParallel(trainer, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=True)
+        # Broadcasts rank 0's weights. Every trainable weight takes part in the loss (BERT's pooler, which would
+        # not, is frozen), so DDP needs no search for unused parameters.
+        trainer = DistributedDataParallel(trainer, device_ids=[device.index] if device.type == "cuda" else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
 
