@@ -32,11 +32,12 @@ def tiny_batch(b: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def tiny_extras(model: torch.nn.Module, lengths: torch.Tensor) -> dict:
-    """The per-image/per-caption inputs a model declares in `extra_inputs` (GSMN: boxes, dependency pairs)."""
+    """The batch inputs a model declares in `extra_inputs` (GSMN: boxes, dependency pairs; HREM: image ids)."""
     gen = torch.Generator().manual_seed(1)
     xy = torch.rand(len(lengths), REGIONS, 2, generator=gen) * 0.7
     extras = {"boxes": torch.cat([xy, xy + 0.2], -1),
-              "depends": [[[0, 1]] + [[k, k + 1] for k in range(1, n - 1)] for n in lengths.tolist()]}
+              "depends": [[[0, 1]] + [[k, k + 1] for k in range(1, n - 1)] for n in lengths.tolist()],
+              "image_ids": torch.arange(len(lengths))}
     return {k: extras[k] for k in getattr(model, "extra_inputs", ())}
 
 

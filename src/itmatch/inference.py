@@ -83,13 +83,13 @@ def encode_split(model: RetrievalModel, split: PrecompSplit, vocab: CaptionToken
                  compat_batch_size: int = 64, fold5: bool = False) -> tuple[Encoded, Encoded]:
     """Encode every distinct image and every caption of a split in eval mode (CxC needs the embeddings).
 
-    Models with `extra_inputs` (GSMN) also get the split's boxes, normalised correctly or, with `box_compat`,
+    Models that take boxes (GSMN) also get the split's boxes, normalised correctly or, with `box_compat`,
     as the original evaluation computed them (its loader batch `compat_batch_size`, its `fold5` row indexing).
     """
     was_training = model.training
     model.eval()
     extra: dict = {}
-    if getattr(model, "extra_inputs", ()):
+    if "boxes" in getattr(model, "extra_inputs", ()):
         from itmatch.data.gsmn_files import model_inputs
 
         extra = model_inputs(split, model.cfg, rows=image_rows(split), box_compat=box_compat,

@@ -233,16 +233,15 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     if tc.region_drop and "lengths" not in inspect.signature(model.encode_image).parameters:
         raise ConfigError(f"train.region_drop needs a model that takes image lengths; {cfg.model.name} does not")
     if info.enabled and not model.trains_distributed():
-        why = "scores pairs by cross attention" if not model.is_embedding_model() else "builds its loss from per-word"
-        raise ConfigError(f"{cfg.model.name} {why if why[0] == 's' else why + ' and per-region features'}, which "
-                          "are not gathered across processes; train it in one process (without torchrun)")
+        why = ("scores pairs by cross attention" if not model.is_embedding_model()
+               else "builds its loss from per-word and per-region features")
+        raise ConfigError(f"{cfg.model.name} {why}, which are not gathered across processes; train it in one "
+                          "process (without torchrun)")
     if info.enabled and getattr(cfg.model, "backbone", ""):
         raise ConfigError(f"{cfg.model.name} with a backbone unfreezes its stages during training, which DDP (set up "
                           "with the weights trainable at the start) would not synchronise; train it in one process")
     if tc.amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a GPU (train.device=cuda); on CPU use train.amp=bf16 or none")
-    # Methods whose loss groups the captions of one image (HREM) take the batch's image ids.
-    wants_ids = "image_ids" in inspect.signature(model.training_loss).parameters
     optimizer = model.make_optimizer(tc.lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state, history = RunState(), []
@@ -275,7 +274,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     if dc.shuffle_captions:
         perm = np.random.default_rng(tc.seed).permutation(train_split.n_captions)
     graph: dict = {}
-    if model.extra_inputs:
+    if "boxes" in model.extra_inputs:  # GSMN's files: boxes, dependency pairs, its own token ids
         from itmatch.data.gsmn_files import model_inputs
 
         graph = model_inputs(train_split, cfg.model)
@@ -334,8 +333,6 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 extra: dict[str, torch.Tensor] = {}
                 if batch.image_lengths is not None:
                     extra["image_lengths"] = batch.image_lengths
-                if wants_ids:
-                    extra["image_ids"] = batch.image_ids
                 extra |= batch.extras(model.extra_inputs)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     terms = trainer(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)

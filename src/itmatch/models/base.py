@@ -64,7 +64,8 @@ class RetrievalModel(nn.Module):
     # training_loss mines negatives over `global_batch` embeddings, so torchrun training equals one process on the
     # concatenated batch; a method whose loss needs more of the batch (per-word features) sets this False.
     global_batch_loss: bool = True
-    extra_inputs: tuple[str, ...] = ()  # per-batch inputs beyond features and ids (GSMN: "boxes", "depends")
+    # Batch fields `training_loss` also takes, by name (GSMN: "boxes", "depends"; HREM: "image_ids").
+    extra_inputs: tuple[str, ...] = ()
 
     def encode_image(self, images: torch.Tensor) -> Encoded:
         raise NotImplementedError

@@ -125,6 +125,7 @@ class Hrem(RetrievalModel):
     # The instance graph relates every caption's words to every image's regions within the batch: those features
     # are not gathered across torchrun processes, so HREM trains in one process.
     global_batch_loss = False
+    extra_inputs = ("image_ids",)  # the loss groups the captions of one image
 
     def __init__(self, cfg: HremConfig, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
