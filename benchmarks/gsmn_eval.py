@@ -4,23 +4,26 @@ Shapes of the Flickr30K test protocol: 36 regions, 1024-d, 16 blocks, lambda 20,
 (about 12 words plus <start>/<end>), full-size model (random weights; the cost does not depend on them). Both
 sides are timed on samples of the 1,000 x 5,000 matrix and extrapolated per pair (every pair costs the same):
 ours on `--images` x `--captions` (encoded galleries, packed captions, as `itmatch eval` scores them), the loop
-on `--loop-images` x `--loop-captions` in the original's 80-image shards. max |delta| is taken on the loop's
-sample, for the dense and the sparse variant.
+on `--loop-images` x `--loop-captions` in the original's 80-image shards. The two sides are timed in turn for
+`--rounds` rounds and the medians reported (per pair, and of the per-round ratios), so that a change in machine
+load hits both. max |delta| is taken on the loop's sample, for the dense and the sparse variant.
 
-    OMP_NUM_THREADS=1 python benchmarks/gsmn_eval.py [--images 200] [--captions 1000] [--loop-images 80]
-        [--loop-captions 80] [--budget 64] [--device cpu|cuda] [--out figures.json]
+    python benchmarks/gsmn_eval.py [--images 200] [--captions 1000] [--loop-images 80] [--loop-captions 80]
+        [--rounds 3] [--budget 8] [--device cpu|cuda] [--out figures.json]
+    OMP_NUM_THREADS=1 python benchmarks/gsmn_eval.py --clock thread ...   # one core, CPU time: robust to load
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference port lives in tests/
 
@@ -50,38 +53,43 @@ def run(sparse: bool, args: argparse.Namespace) -> dict:
     model = build(GsmnConfig(image_dim=2048, embed_dim=DIM, vocab_size=1000, lambda_softmax=20.0, sparse=sparse,
                              xattn_budget_mb=args.budget)).eval().to(args.device)
     feats, boxes, captions, lengths, depends = make_inputs(args.images, args.captions)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    ours_us, loop_us, ratios = [], [], []
     with torch.inference_mode():
         img = model.encode_image(feats.to(args.device), boxes.to(args.device))
         txt = model.encode_text(captions.to(args.device), lengths, depends).packed()
         model.similarity(img.rows(0, 8), Encoded(txt.emb, txt.lengths[:64], txt.offsets[:64]))  # warm-up
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        ours = model.similarity(img, txt)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        ours_s = time.perf_counter() - start
         ni, nc = args.loop_images, args.loop_captions
         d = model.cfg.embed_dim
-        words = F.pad(txt.emb, (0, 0)).cpu()
+        words = txt.emb.cpu()
         padded = torch.zeros(nc, int(lengths[:nc].max()), d)
         for k in range(nc):
             o, n = int(txt.offsets[k]), int(lengths[k])
             padded[k, :n] = words[o : o + n, :d]
-        model_cpu = model.cpu()
-        start = time.perf_counter()
-        ref = reference_scores(model_cpu, img.emb[:ni, :, :d].cpu(), boxes[:ni], padded, lengths[:nc].tolist(),
-                               depends[:nc], shard=80)
-        loop_s = time.perf_counter() - start
-    ours_pair = ours_s / (args.images * args.captions)
-    loop_pair = loop_s / (ni * nc)
+        model_cpu = build(model.cfg).eval()
+        model_cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+        for _ in range(args.rounds):  # alternate, so that both sides see the same machine state
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            start = clock()
+            ours = model.similarity(img, txt)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            ours_us.append(1e6 * (clock() - start) / (args.images * args.captions))
+            start = clock()
+            ref = reference_scores(model_cpu, img.emb[:ni, :, :d].cpu(), boxes[:ni], padded, lengths[:nc].tolist(),
+                                   depends[:nc], shard=80)
+            loop_us.append(1e6 * (clock() - start) / (ni * nc))
+            ratios.append(loop_us[-1] / ours_us[-1])
+    ours_pair, loop_pair = statistics.median(ours_us), statistics.median(loop_us)
     return {
         "variant": "sparse" if sparse else "dense",
-        "ours_us_per_pair": 1e6 * ours_pair,
-        "loop_us_per_pair": 1e6 * loop_pair,
-        "ours_f30k_s": ours_pair * F30K_PAIRS,
-        "loop_f30k_s": loop_pair * F30K_PAIRS,
-        "speedup": loop_pair / ours_pair,
+        "ours_us_per_pair": ours_pair,
+        "loop_us_per_pair": loop_pair,
+        "ours_f30k_s": ours_pair * F30K_PAIRS / 1e6,
+        "loop_f30k_s": loop_pair * F30K_PAIRS / 1e6,
+        "speedup": statistics.median(ratios),
+        "rounds": {"ours_us": ours_us, "loop_us": loop_us, "speedup": ratios},
         "max_abs_delta": float((ours[:ni, :nc].cpu().double() - ref.double()).abs().max()),
         "ours_pairs_timed": args.images * args.captions,
         "loop_pairs_timed": ni * nc,
@@ -96,15 +104,22 @@ def main() -> int:
     ap.add_argument("--loop-captions", type=int, default=80)
     ap.add_argument("--budget", type=float, default=8.0, help="MB for intermediates per tile (speed only)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timings of both sides; medians are reported")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="thread: CPU time of this thread, robust to other load (needs one thread)")
     ap.add_argument("--out", help="write the figures as JSON")
     args = ap.parse_args()
+    if args.clock == "thread" and (torch.get_num_threads() != 1 or args.device != "cpu"):
+        ap.error("--clock thread measures one CPU thread: run with OMP_NUM_THREADS=1 on the CPU")
     rows = [run(sparse, args) for sparse in (False, True)]
-    info = {"threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__, "rows": rows}
+    info = {"threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__, "clock": args.clock,
+            "rounds": args.rounds, "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""), "rows": rows}
     for r in rows:
         print(f"{r['variant']:6s} ours {r['ours_us_per_pair']:7.1f} us/pair (F30K 1K: {r['ours_f30k_s']:6.0f} s)  "
               f"loop {r['loop_us_per_pair']:7.1f} us/pair ({r['loop_f30k_s']:6.0f} s)  "
               f"speedup {r['speedup']:5.1f}x  max|delta| {r['max_abs_delta']:.1e}")
-    print(f"threads {info['threads']}, device {args.device}, torch {torch.__version__}")
+    print(f"threads {info['threads']}, device {args.device}, torch {torch.__version__}, clock {args.clock}, "
+          f"medians of {args.rounds} alternating rounds")
     if args.out:
         Path(args.out).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return 0

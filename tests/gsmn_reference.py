@@ -83,19 +83,19 @@ def build_sparse_graph(dep: Sequence[Sequence[int]], n: int) -> torch.Tensor:
     return adj + torch.eye(n)
 
 
-@torch.no_grad()
 def reference_scores(model: Gsmn, images: torch.Tensor, boxes: torch.Tensor, words: torch.Tensor,
                      lengths: Sequence[int], depends: Sequence | None = None, shard: int = 80) -> torch.Tensor:
     """(N_img, N_cap) scores, original loop: shards of images x captions, one caption at a time.
 
     images: (N_img, R, d) encoded regions; boxes (N_img, R, 4) normalised; words (N_cap, L, d) encoded words.
+    Differentiable: with autograd on, gradients reach the inputs and the model's graph and head weights.
     """
     cfg = model.cfg
     chunk = cfg.embed_dim // cfg.num_block
     lam = cfg.lambda_softmax
     vconv, tconv = model.i2t_graph.conv, model.t2i_graph.conv
     n_img, n_cap = len(images), len(words)
-    out = torch.zeros(n_img, n_cap)
+    out = torch.zeros(n_img, n_cap, dtype=images.dtype)
     for i0 in range(0, n_img, shard):
         ims, bbx = images[i0 : i0 + shard], boxes[i0 : i0 + shard]
         b, r = ims.shape[0], ims.shape[1]

@@ -39,6 +39,7 @@ from itmatch.modules.graph_matching import (
 )
 from itmatch.modules.norm import l2norm
 from itmatch.modules.text_gru import GruTextEncoder
+from itmatch.modules.workspace import Workspace
 from itmatch.registry import register_model
 
 EPS = 1e-8
@@ -66,7 +67,7 @@ class GsmnConfig:
     # Where caption ids come from: the dataset vocabulary applied to {split}_caps.txt, or the ids of
     # {split}_precaps_stan.txt (the original's pre-tokenised files; what its released models read).
     text_ids: Literal["vocab", "precaps_stan"] = "vocab"
-    xattn_budget_mb: float = 16.0  # memory for intermediates per tile (speed, not results; small suits CPU caches)
+    xattn_budget_mb: float = 8.0  # memory for intermediates per tile (speed, not results; small suits CPU caches)
 
 
 class Gsmn(RetrievalModel):
@@ -126,6 +127,7 @@ class Gsmn(RetrievalModel):
         visual = (vis.stacked_weight(), vis.stacked_bias(), self.i2t_graph.head)
         textual = (txt.stacked_weight(), txt.stacked_bias(), self.t2i_graph.head)
         out = feats.new_empty((ni, nc))
+        workspace = Workspace()  # every tile's large intermediates in the same memory
         # The image side of every tile, computed once per call (about 160 KB per image at the F30K sizes).
         image_side = prepare_images(feats[..., :d], feats[..., d:], n_blocks=self.cfg.num_block, visual=visual,
                                     n_kernels=self.cfg.n_kernels)
@@ -144,7 +146,7 @@ class Gsmn(RetrievalModel):
                     block[..., :d], block[..., d:], caps[..., :d], caps[..., d:], lens,
                     n_blocks=self.cfg.num_block, lambda_softmax=self.cfg.lambda_softmax,
                     visual=visual, textual=textual, n_kernels=self.cfg.n_kernels, prepared=prepared,
-                    prepared_images=image_side.rows(i0, i0 + ti))
+                    prepared_images=image_side.rows(i0, i0 + ti), workspace=workspace)
             start += tc
         return out
 
