@@ -17,11 +17,12 @@ matrices: with attention alpha over context items x_s, <q_b, sum_s alpha_s x_sb>
 ||sum_s alpha_s x_sb||^2 = alpha^T G_b alpha, G_b = X_b X_b^T, so no (pair, node, d) tensor is ever formed; G_b is
 symmetric, so the quadratic form is a sum over the pairs s <= t of the upper triangle times alpha_s alpha_t.
 At the structure level the coefficient scaling, the kernel maps and out_1 fold into one small matrix per node
-(`_folded_head_input`), and tanh is evaluated as 2 sigmoid(2x) - 1.
+(`fold_head`), and tanh is evaluated as 2 sigmoid(2x) - 1.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -139,14 +140,26 @@ class WordGraphKernels(nn.Module):
         return torch.cat([lin.bias for lin in self.conv_weights], 0)
 
 
-def _folded_head_input(coef: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: MatchHead,
-                       n_kernels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-node matrices M_n^T (nodes, K_blocks, hid) and the bias b' (hid,) with out_1(h_n) = M_n m + b'.
+class FoldedHead(NamedTuple):
+    """One side's structure-level head with its graph folded in (`fold_head`): per node, score =
+    w . sigmoid(2 (M_n m + b')), averaged over nodes, plus `const` (= w_2 . tanh(M_n m + b') + out_2's bias)."""
+
+    maps: torch.Tensor  # (nodes, K_blocks, hid): M_n^T
+    shift: torch.Tensor  # (hid,): b'
+    w: torch.Tensor  # (hid,): 2 w_2
+    const: torch.Tensor  # (): out_2's bias - sum(w_2)
+
+
+def fold_head(coef: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: MatchHead,
+              n_kernels: int) -> FoldedHead:
+    """Per-node matrices M_n and the bias b' with out_1(h_n) = M_n m + b', and out_2 in sigmoid form.
 
     h_n = concat_k (c_nk U_k m (+ b_k)) with the kernel maps U_k (out/n_kernels rows of `weight` each), so with
     out_1 = W_1 . + b_1: out_1(h_n) = sum_k c_nk (W_1[:, k] U_k) m + (W_1 b + b_1) (W_1[:, k]: kernel k's columns).
     The n_kernels products B_k = W_1[:, k] U_k are formed once; M_n = sum_k c_nk B_k is one small matrix product,
-    which replaces the out-dim map, the coefficient scaling, the bias and the out_1 map of every pair.
+    which replaces the out-dim map, the coefficient scaling, the bias and the out_1 map of every pair. With
+    tanh(z) = 2 sigmoid(2z) - 1 (the vectorised sigmoid is several times faster than tanh on CPUs),
+    w_2 . tanh(z) + b_2 = 2 w_2 . sigmoid(2z) + (b_2 - sum(w_2)).
     """
     w1 = head.out_1.weight().to(coef.dtype)  # (hid, out)
     hid, out = w1.shape
@@ -157,23 +170,18 @@ def _folded_head_input(coef: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     shift = head.out_1.bias.to(coef.dtype)
     if bias is not None:
         shift = shift + w1 @ bias.to(coef.dtype)
-    return maps, shift
+    w2 = head.out_2.weight().to(coef.dtype)[0]  # (hid,)
+    return FoldedHead(maps, shift, 2.0 * w2, head.out_2.bias.to(coef.dtype)[0] - w2.sum())
 
 
-def _node_scores(match: torch.Tensor, maps: torch.Tensor, shift: torch.Tensor, head: MatchHead,
-                 ws: Workspace | None) -> torch.Tensor:
-    """(nodes, X) per-node scores w_2 . tanh(M_n m_nx + b') (out_2's bias left out); match (nodes, X, K_blocks).
-
-    tanh(z) = 2 sigmoid(2z) - 1 (the vectorised sigmoid is several times faster than tanh on CPUs), so
-    w_2 . tanh(z) = 2 w_2 . sigmoid(2z) - sum(w_2): one matrix-vector product over contiguous rows of hid values.
-    """
+def _node_scores(match: torch.Tensor, head: FoldedHead, ws: Workspace | None) -> torch.Tensor:
+    """(nodes, X) per-node scores w . sigmoid(2 (M_n m_nx + b')) of `FoldedHead`; match (nodes, X, K_blocks)."""
     if ws is None:
-        t = torch.sigmoid(torch.baddbmm(shift, match, maps, alpha=2.0, beta=2.0))  # of 2 (M_n m + b'), (nodes, X, hid)
+        t = torch.sigmoid(torch.baddbmm(head.shift, match, head.maps, alpha=2.0, beta=2.0))  # (nodes, X, hid)
     else:
-        z = ws.take("head", (*match.shape[:2], maps.shape[-1]), match)
-        t = torch.baddbmm(shift, match, maps, alpha=2.0, beta=2.0, out=z).sigmoid_()
-    w2 = head.out_2.weight().to(t.dtype)[0]  # (hid,)
-    return 2.0 * (t @ w2) - w2.sum()
+        z = ws.take("head", (*match.shape[:2], head.maps.shape[-1]), match)
+        t = torch.baddbmm(head.shift, match, head.maps, alpha=2.0, beta=2.0, out=z).sigmoid_()
+    return t @ head.w  # one matrix-vector product over contiguous rows of hid values
 
 
 def _block_gram(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -183,6 +191,13 @@ def _block_gram(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
     return (xb @ xb.transpose(-1, -2)).view(b, n_blocks * n, n)
 
 
+@functools.lru_cache(maxsize=256)
+def _triangle(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the upper triangle (i <= j) of an n x n matrix, `torch.triu_indices` order."""
+    iu, ju = torch.triu_indices(n, n, device=device)
+    return iu, ju
+
+
 def _triangle_gram(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
     """(B, n, d) items -> (B, K, n(n+1)/2): the upper triangles (i <= j) of the per-block Gram matrices.
 
@@ -190,7 +205,7 @@ def _triangle_gram(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
     in `torch.triu_indices` order (`_attended_sq_norms`).
     """
     b, n, _ = x.shape
-    iu, ju = torch.triu_indices(n, n, device=x.device)
+    iu, ju = _triangle(n, x.device)
     tri = _block_gram(x, n_blocks).view(b, n_blocks, n, n)[:, :, iu, ju]
     return tri * torch.where(iu == ju, 1.0, 2.0).to(tri.dtype)
 
@@ -199,36 +214,38 @@ def _attended_sq_norms(tri: torch.Tensor, a: torch.Tensor, ws: Workspace | None)
     """(B, K, n(n+1)/2) Gram triangles (`_triangle_gram`), (B, n, M) weights -> (B, K, M) squared norms a^T G_k a.
 
     One batched product of the triangles with the pair products a_i a_j (i <= j): about half the work of G_k a,
-    and its result needs no further reduction.
+    and its result needs no further reduction. Rounding can leave a norm of zero slightly negative: clamped at 0.
     """
-    n = a.shape[1]
-    iu, ju = torch.triu_indices(n, n, device=a.device)
+    iu, ju = _triangle(a.shape[1], a.device)
     if ws is None:
         pairs = torch.index_select(a, 1, iu) * torch.index_select(a, 1, ju)
-    else:
-        shape = (a.shape[0], len(iu), a.shape[2])
-        pairs = torch.index_select(a, 1, iu, out=ws.take("pairs", shape, a))
-        pairs.mul_(torch.index_select(a, 1, ju, out=ws.take("pairs_j", shape, a)))
-    return torch.bmm(tri, pairs).clamp(min=0)
+        return torch.bmm(tri, pairs).clamp(min=0)
+    shape = (a.shape[0], len(iu), a.shape[2])
+    pairs = torch.index_select(a, 1, iu, out=ws.take("pairs", shape, a))
+    pairs.mul_(torch.index_select(a, 1, ju, out=ws.take("pairs_j", shape, a)))
+    return torch.bmm(tri, pairs).clamp_(min=0)
 
 
-def _norm(x: torch.Tensor, dim: int, grad: bool) -> torch.Tensor:
-    """L2 norm over `dim` (keepdim); without autograd as sqrt(sum x^2), whose reduction runs faster."""
-    if not grad:
-        return x.square().sum(dim, keepdim=True).sqrt_()
-    return torch.linalg.vector_norm(x, dim=dim, keepdim=True)  # its gradient at 0 is 0, sqrt's is not
+def _scale(s: torch.Tensor, dim: int, lambda_softmax: float, grad: bool) -> torch.Tensor:
+    """lambda / (||s|| + eps) over `dim` (keepdim): upstream's l2norm before its temperature softmax.
+
+    Without autograd as sqrt(sum s^2), whose reduction runs faster than `vector_norm` (whose gradient at 0 is 0,
+    where sqrt's is not).
+    """
+    if grad:
+        return lambda_softmax / (torch.linalg.vector_norm(s, dim=dim, keepdim=True) + EPS)
+    return s.square().sum(dim, keepdim=True).sqrt_().add_(EPS).reciprocal_().mul_(lambda_softmax)
 
 
 class CaptionTile(NamedTuple):
     """What `gsmn_tile_scores` needs of a tile's captions, independent of the images (computed once per tile)."""
 
     words: torch.Tensor  # (Nc, L, d), zero past each length
-    mask: torch.Tensor  # (Nc, L), 1 on the caption's words
+    mask: torch.Tensor  # (Nc, L, 1, 1), 1 on the caption's words
     gram: torch.Tensor  # (Nc, K, L(L+1)/2) per-block Gram matrices as `_triangle_gram`
-    norms: torch.Tensor  # (Nc*L, K) per-block word norms
-    maps: torch.Tensor  # (Nc*L, K, hid) and shift (hid,): the textual head's folded input (`_folded_head_input`)
-    shift: torch.Tensor
-    mean_w: torch.Tensor  # (Nc, L), 1/length on the caption's words
+    norms: torch.Tensor  # (K, Nc*L) per-block word norms
+    head: FoldedHead  # the textual graph's head, nodes = Nc*L words
+    mean_w: torch.Tensor  # (Nc, L, 1), 1/length on the caption's words
 
 
 def prepare_captions(captions: torch.Tensor, caption_coef: torch.Tensor, lengths: torch.Tensor, *, n_blocks: int,
@@ -239,25 +256,24 @@ def prepare_captions(captions: torch.Tensor, caption_coef: torch.Tensor, lengths
     mask = valid.to(captions.dtype)
     words = captions * mask[..., None]
     weight, bias, head = textual
-    maps, shift = _folded_head_input(caption_coef.to(words.dtype), weight, bias, head, n_kernels)
-    return CaptionTile(words, mask, _triangle_gram(words, n_blocks),
-                       words.reshape(nc * L, n_blocks, d // n_blocks).norm(dim=-1), maps, shift,
-                       mask / lengths.to(mask.device, mask.dtype)[:, None])
+    return CaptionTile(words, mask[..., None, None], _triangle_gram(words, n_blocks),
+                       words.reshape(nc * L, n_blocks, d // n_blocks).norm(dim=-1).T.contiguous(),
+                       fold_head(caption_coef.to(words.dtype), weight, bias, head, n_kernels),
+                       (mask / lengths.to(mask.device, mask.dtype)[:, None])[..., None])
 
 
 class ImageTile(NamedTuple):
     """What `gsmn_tile_scores` needs of a tile's images, independent of the captions (computed once per tile)."""
 
     gram: torch.Tensor  # (Ni, K, R(R+1)/2) per-block Gram matrices of the regions as `_triangle_gram`
-    norms: torch.Tensor  # (Ni*R, K) per-block region norms
-    maps: torch.Tensor  # (Ni*R, K, hid) and shift (hid,): the visual head's folded input (`_folded_head_input`)
-    shift: torch.Tensor
+    norms: torch.Tensor  # (K, Ni*R) per-block region norms
+    head: FoldedHead  # the visual graph's head, nodes = Ni*R regions
 
     def rows(self, start: int, stop: int) -> ImageTile:
         """Images start..stop-1 (views, no copy)."""
-        r = self.norms.shape[0] // self.gram.shape[0]
-        return ImageTile(self.gram[start:stop], self.norms[start * r : stop * r], self.maps[start * r : stop * r],
-                         self.shift)
+        r = self.norms.shape[1] // self.gram.shape[0]
+        head = self.head._replace(maps=self.head.maps[start * r : stop * r])
+        return ImageTile(self.gram[start:stop], self.norms[:, start * r : stop * r], head)
 
 
 def prepare_images(images: torch.Tensor, image_coef: torch.Tensor, *, n_blocks: int,
@@ -265,9 +281,9 @@ def prepare_images(images: torch.Tensor, image_coef: torch.Tensor, *, n_blocks: 
     """The image side of a tile (see `gsmn_tile_scores`), to share between the caption tiles of a gallery."""
     ni, r, d = images.shape
     weight, bias, head = visual
-    maps, shift = _folded_head_input(image_coef.to(images.dtype), weight, bias, head, n_kernels)
-    return ImageTile(_triangle_gram(images, n_blocks), images.reshape(ni * r, n_blocks, d // n_blocks).norm(dim=-1),
-                     maps, shift)
+    return ImageTile(_triangle_gram(images, n_blocks),
+                     images.reshape(ni * r, n_blocks, d // n_blocks).norm(dim=-1).T.contiguous(),
+                     fold_head(image_coef.to(images.dtype), weight, bias, head, n_kernels))
 
 
 
@@ -307,11 +323,11 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
                                     n_kernels=n_kernels)
     if prepared_images is None:
         prepared_images = prepare_images(images, image_coef, n_blocks=n_blocks, visual=visual, n_kernels=n_kernels)
-    words, vmask = prepared.words, prepared.mask
+    words = prepared.words
     grad = torch.is_grad_enabled() and (images.requires_grad or words.requires_grad)
     # Without autograd, intermediates are overwritten by their last reader and the large ones live in `ws`.
     ws = None if grad else (workspace if workspace is not None else Workspace())
-    wb = words.reshape(nc * L, n_blocks, blk).transpose(0, 1)  # (K, Nc*L, blk)
+    wb = words.view(nc * L, n_blocks, blk).transpose(0, 1)  # (K, Nc*L, blk)
     vb = images.reshape(ni * r, n_blocks, blk).permute(1, 2, 0)  # (K, blk, Ni*R)
     shape = (n_blocks, nc * L, ni * r)
     dots_b = torch.bmm(wb, vb) if ws is None else torch.bmm(wb, vb, out=ws.take("dots", shape, images))
@@ -320,8 +336,8 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     _t = _tick('s', _t)
 
     # Regions query words: normalise over the image's regions, softmax over the caption's words.
-    x = s / (_norm(s, -1, grad) + EPS)
-    e = torch.exp(lambda_softmax * x) * vmask[:, :, None, None]
+    e = torch.exp(s * _scale(s, -1, lambda_softmax, grad)) * prepared.mask
+    _t = _tick('v softmax', _t)
     z = e.sum(1, keepdim=True) / ALPHA_SCALE
     alpha = (e / z if grad else e.div_(z)).view(nc, L, ni * r)  # ALPHA_SCALE times the softmax
     _t = _tick('v softmax', _t)
@@ -329,19 +345,17 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     prod = dots_v * alpha if ws is None else torch.mul(dots_v, alpha, out=ws.take("prod", dots_v.shape, images))
     num = prod.sum(2)  # (K, Nc, Ni*R)
     _t = _tick('v num', _t)
-    ctx_sq = _attended_sq_norms(prepared.gram, alpha, ws)  # (Nc, K, Ni*R)
+    ctx = _attended_sq_norms(prepared.gram, alpha, ws).sqrt()  # (Nc, K, Ni*R)
     _t = _tick('v ctx', _t)
-    den = (prepared_images.norms.T * ctx_sq.sqrt()).clamp(min=EPS * ALPHA_SCALE).transpose(0, 1)
+    den = (prepared_images.norms * ctx).clamp(min=EPS * ALPHA_SCALE).transpose(0, 1)
     m_v = (num / den if grad else num.div_(den)).permute(2, 1, 0).contiguous()  # (Ni*R, Nc, K)
     _t = _tick('v cos', _t)
-    head = visual[2]
-    node = _node_scores(m_v, prepared_images.maps, prepared_images.shift, head, ws)  # (Ni*R, Nc)
-    score_v = node.view(ni, r, nc).mean(1) + head.out_2.bias.to(node.dtype)  # (Ni, Nc)
+    score_v = _node_scores(m_v, prepared_images.head, ws).view(ni, r, nc).mean(1)  # (Ni, Nc)
     _t = _tick('v head', _t)
 
     # Words query regions: normalise over the caption's words, softmax over the image's regions.
-    x = s / (_norm(s, 1, grad) + EPS)
-    e = torch.exp(lambda_softmax * x)
+    e = torch.exp(s * _scale(s, 1, lambda_softmax, grad))
+    _t = _tick('t softmax', _t)
     z = e.sum(-1, keepdim=True) / ALPHA_SCALE
     beta = e / z if grad else e.div_(z)  # (Nc, L, Ni, R), ALPHA_SCALE times the softmax
     _t = _tick('t softmax', _t)
@@ -351,15 +365,15 @@ def gsmn_tile_scores(images: torch.Tensor, image_coef: torch.Tensor, captions: t
     _t = _tick('t num', _t)
     b_i = beta.view(nc * L, ni, r).permute(1, 2, 0).contiguous()  # (Ni, R, Nc*L), contiguous for index_select
     _t = _tick('t perm', _t)
-    ctx_sq = _attended_sq_norms(prepared_images.gram, b_i, ws)  # (Ni, K, Nc*L)
+    ctx = _attended_sq_norms(prepared_images.gram, b_i, ws).sqrt()  # (Ni, K, Nc*L)
     _t = _tick('t ctx', _t)
-    den = (prepared.norms.T * ctx_sq.sqrt()).clamp(min=EPS * ALPHA_SCALE).permute(1, 2, 0)
+    den = (prepared.norms * ctx).clamp(min=EPS * ALPHA_SCALE).permute(1, 2, 0)
     m_t = (num / den if grad else num.div_(den)).permute(1, 2, 0).contiguous()  # (Nc*L, Ni, K)
     _t = _tick('t cos', _t)
-    head = textual[2]
-    node = _node_scores(m_t, prepared.maps, prepared.shift, head, ws).view(nc, L, ni)
-    score_t = (node * prepared.mean_w[..., None]).sum(1).T + head.out_2.bias.to(node.dtype)
+    node = _node_scores(m_t, prepared.head, ws).view(nc, L, ni)  # per word
     _t = _tick('t head', _t)
-    return score_v + score_t
+    score_t = (node * prepared.mean_w).sum(1).T
+    _t = _tick('t head', _t)
+    return score_v + score_t + (prepared_images.head.const + prepared.head.const)
 
 
