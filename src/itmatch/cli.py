@@ -81,6 +81,21 @@ def _cmd_convert_butd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_parse(args: argparse.Namespace) -> int:
+    from itmatch.data.gsmn_files import write_dependencies
+    from itmatch.data.precomp import resolve_root
+
+    root = resolve_root(args.data, args.split)
+    captions = root / f"{args.split}_caps.txt"
+    out = Path(args.out) if args.out else root / f"{args.split}_caps.json"
+    if out.exists() and not args.force:
+        raise DataError(f"{out} exists; pass --force to overwrite it")
+    started = time.perf_counter()
+    n = write_dependencies(captions, out, progress=_progress(args))
+    print(f"wrote the dependency pairs of {n} captions to {out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- train
 def _cmd_train(args: argparse.Namespace) -> int:
     from itmatch.config import load_preset
@@ -477,6 +492,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--threshold", type=int, default=4)
     v.add_argument("--out", help="output path (default DIR/vocab.json)")
     v.set_defaults(run=_cmd_vocab)
+    pa = dsub.add_parser("parse", help="GSMN sparse: dependency-parse {split}_caps.txt into {split}_caps.json (spaCy)")
+    pa.add_argument("--data", required=True, help="dataset directory")
+    pa.add_argument("--split", required=True)
+    pa.add_argument("--out", help="output path (default DIR/{split}_caps.json)")
+    pa.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    pa.set_defaults(run=_cmd_parse)
 
     ix = sub.add_parser("index", help="build a retrieval index of a gallery (FAISS)")
     ixsub = ix.add_subparsers(dest="index_command", required=True, parser_class=_Parser)

