@@ -88,6 +88,25 @@ def test_training_scores_and_gradients_match_the_reference(sparse: bool) -> None
         assert torch.allclose(g, ref_grads[name], rtol=1e-7, atol=1e-10), name
 
 
+def test_scores_on_two_threads_equal_one_thread_exactly() -> None:
+    """Caption tiles run side by side on worker threads (`run_tiles`); each tile is computed as on one thread."""
+    model = tiny_model(True)
+    images, boxes, captions, lengths, depends = random_inputs(9, 13)
+    model.budget_mb = 0.05  # several caption tiles
+    saved = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            img, txt = model.encode_image(images, boxes), model.encode_text(captions, lengths, depends).packed()
+            torch.set_num_threads(1)
+            serial = model.similarity(img, txt)
+            torch.set_num_threads(2)
+            threaded = model.similarity(img, txt)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(serial, threaded)
+
+
 def test_dense_and_sparse_share_the_node_level_but_differ_in_graph_weights() -> None:
     images, boxes, captions, lengths, depends = random_inputs(3, 4)
     dense, sparse = tiny_model(False), tiny_model(True)

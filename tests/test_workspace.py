@@ -1,10 +1,11 @@
-"""Workspace: buffers are reused across takes, grown when a larger shape is asked for."""
+"""Workspace: buffers reused across takes, grown on demand; run_tiles: tiles on threads."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from itmatch.modules.workspace import Workspace
+from itmatch.modules.workspace import Workspace, run_tiles
 
 
 def test_takes_share_memory_until_a_larger_shape_is_asked_for() -> None:
@@ -22,3 +23,33 @@ def test_takes_share_memory_until_a_larger_shape_is_asked_for() -> None:
     other = ws.take("y", (4, 5), like)
     assert other.data_ptr() != again.data_ptr()  # names do not share
     assert ws.take("x", (4, 5), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_run_tiles_on_threads_carries_the_modes_and_restores_the_thread_count() -> None:
+    saved = torch.get_num_threads()
+    seen = []
+
+    def fn(tile: int, ws: Workspace) -> None:
+        buf = ws.take("x", (3,), torch.zeros(1))
+        seen.append((tile, torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads(),
+                     buf.data_ptr()))
+
+    with torch.inference_mode():
+        run_tiles(fn, list(range(6)), workers=2)
+    assert sorted(t for t, *_ in seen) == list(range(6))
+    assert all(inf and not grad and threads == 1 for _, inf, grad, threads, _ in seen)
+    assert len({ptr for *_, ptr in seen}) <= 2  # one workspace per worker thread, reused across its tiles
+    assert torch.get_num_threads() == saved
+    seen.clear()
+    with torch.no_grad():
+        run_tiles(fn, [0, 1], workers=2)
+    assert all(not inf and not grad for _, inf, grad, *_ in seen)
+
+
+def test_run_tiles_re_raises_a_workers_error() -> None:
+    def fn(tile: int, ws: Workspace) -> None:
+        if tile == 3:
+            raise ValueError("tile 3")
+
+    with pytest.raises(ValueError, match="tile 3"):
+        run_tiles(fn, list(range(5)), workers=2)

@@ -40,7 +40,7 @@ from itmatch.modules.graph_matching import (
 )
 from itmatch.modules.norm import l2norm
 from itmatch.modules.text_gru import GruTextEncoder
-from itmatch.modules.workspace import Workspace
+from itmatch.modules.workspace import Workspace, run_tiles
 from itmatch.registry import register_model
 
 EPS = 1e-8
@@ -128,15 +128,21 @@ class Gsmn(RetrievalModel):
         visual = (vis.stacked_weight(), vis.stacked_bias(), self.i2t_graph.head)
         textual = (txt.stacked_weight(), txt.stacked_bias(), self.t2i_graph.head)
         by_length = feats.new_empty((ni, nc))  # columns in `order`, scattered back once at the end
-        workspace = Workspace()  # every tile's large intermediates in the same memory
         # The image side of every tile, computed once per call (about 120 KB per image at the F30K sizes).
         image_side = prepare_images(feats[..., :d], feats[..., d:], n_blocks=self.cfg.num_block, visual=visual,
                                     n_kernels=self.cfg.n_kernels)
         image_tiles: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, ImageTile]] = {}
+        tiles = []  # (first column, columns, images per tile, longest caption): caption tiles in length order
         start = 0
         while start < nc:
             longest = int(lengths[order[start]])
             ti, tc = gsmn_tiles(ni, nc - start, r, longest, self.cfg.num_block, feats.element_size(), self.budget_mb)
+            tiles.append((start, tc, ti, longest))
+            start += tc
+
+        def score(tile: tuple[int, int, int, int], workspace: Workspace) -> None:
+            """One caption tile against every image tile."""
+            start, tc, ti, longest = tile
             cols = order[start : start + tc].to(texts.emb.device)
             caps = gather_words(texts.emb, lengths, offsets, cols, longest).to(feats.device, feats.dtype)
             lens = lengths[cols].to(feats.device)
@@ -152,7 +158,11 @@ class Gsmn(RetrievalModel):
                     n_blocks=self.cfg.num_block, lambda_softmax=self.cfg.lambda_softmax,
                     visual=visual, textual=textual, n_kernels=self.cfg.n_kernels, prepared=prepared,
                     prepared_images=image_tile, workspace=workspace)
-            start += tc
+
+        # Caption tiles side by side on the CPU threads; with autograd (training) or on a GPU, one after another.
+        grad = torch.is_grad_enabled() and (feats.requires_grad or texts.emb.requires_grad)
+        parallel = not grad and feats.device.type == "cpu"
+        run_tiles(score, tiles, torch.get_num_threads() if parallel else 1)
         out = torch.empty_like(by_length)
         out[:, order.to(out.device)] = by_length
         return out

@@ -4,13 +4,20 @@ Tiled scoring allocates and frees intermediates of a few MB per tile. PyTorch's 
 glibc's malloc may give such blocks back to the kernel and fault fresh pages in for the next tile: hundreds of
 page faults per tile, which measured up to 15x slower than the arithmetic on them (benchmarks/gsmn_eval.py). A
 loop that writes its large intermediates into a `Workspace` (`out=`) touches the same memory every tile.
+`run_tiles` runs such a loop, on several threads when asked.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class Workspace:
@@ -39,3 +46,36 @@ class Workspace:
         view = buf[:n].view(shape)
         self._views[(name, shape)] = view
         return view
+
+
+def run_tiles(fn: Callable[[T, Workspace], None], tiles: Sequence[T], workers: int) -> None:
+    """fn(tile, workspace) for every tile, here or on `workers` threads; tiles must write disjoint outputs.
+
+    With several workers each thread runs its tiles with one intra-op thread and its own workspace, so tiles run
+    side by side instead of splitting every small operation between threads: on a 2-core machine that avoids a
+    fork/join per operation (measured: 2-thread GSMN scoring at 1.5x one thread, and at times 0.6x when a core
+    was briefly taken by the host, against 1.5-1.6x steadily with two workers). The caller's grad and inference
+    modes are carried into the workers; its thread count is restored afterwards.
+    """
+    if workers <= 1 or len(tiles) <= 1:
+        ws = Workspace()
+        for tile in tiles:
+            fn(tile, ws)
+        return
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    local = threading.local()
+
+    def run(tile: T) -> None:
+        if not hasattr(local, "ws"):
+            torch.set_num_threads(1)  # this thread's intra-op threads (thread-local under OpenMP)
+            local.ws = Workspace()
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            fn(tile, local.ws)
+
+    saved = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(run, tiles):  # re-raises a worker's exception here
+                pass
+    finally:
+        torch.set_num_threads(saved)  # MKL's thread count is process-wide: the workers set it to 1
