@@ -274,3 +274,27 @@ def test_synthetic_dataset_writes_the_gsmn_files(tmp_path) -> None:
     save_vocab(vocab_from_captions_files([tmp_path / "train_caps.txt", tmp_path / "dev_caps.txt"]), tmp_path / "v.json")
     vocab = load_vocab(tmp_path / "v.json")
     assert read_precaps(tmp_path / "test_precaps_stan.txt", 15) == [vocab.encode(c) for c in caps]
+
+
+def test_evaluation_scores_in_float32_as_the_original_shard_loop(monkeypatch) -> None:
+    """Upstream's shard_xattn casts its float64 embedding copies back to float32 before scoring; SCAN keeps float64."""
+    from itmatch.inference import similarity_matrix
+
+    model = tiny_model(False)
+    images, boxes, captions, lengths, _ = random_inputs(3, 4)
+    seen = []
+    original = Gsmn.similarity
+
+    def spy(self, img, txt):
+        seen.append(img.emb.dtype)
+        return original(self, img, txt)
+
+    monkeypatch.setattr(Gsmn, "similarity", spy)
+    with torch.no_grad():
+        img, txt = model.encode_image(images, boxes), model.encode_text(captions, lengths)
+        similarity_matrix(model, img.to("cpu", torch.float64), txt)
+        similarity_matrix(model, img, txt, dtype=torch.float64)
+    assert seen == [torch.float32, torch.float64]
+    from itmatch.models.base import RetrievalModel
+
+    assert RetrievalModel.eval_dtype == torch.float64

@@ -149,7 +149,7 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
               batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
-              cxc: str = "", dtype: str = "float64", budget_mb: float | None = None, box_compat: bool = False,
+              cxc: str = "", dtype: str | None = None, budget_mb: float | None = None, box_compat: bool = False,
               compat_batch_size: int = 64) -> dict:
     import torch
 
@@ -178,8 +178,8 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
                                      device=device, progress=progress)
         else:
             sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                                progress=progress, dtype=getattr(torch, dtype), box_compat=box_compat,
-                                compat_batch_size=compat_batch_size, fold5=fold5)
+                                progress=progress, dtype=getattr(torch, dtype) if dtype else None,
+                                box_compat=box_compat, compat_batch_size=compat_batch_size, fold5=fold5)
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -456,8 +456,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--vocab", help="vocabulary JSON of an original checkpoint (default: found next to --data)")
     e.add_argument("--bert-path", help="BERT directory (config + vocab.txt) of an original BERT checkpoint")
     e.add_argument("--cxc", metavar="DIR", help="also report CxC recalls (COCO testall; DIR holds cxc_annots files)")
-    e.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default="float64",
-                   help="scoring dtype; float64 is what the originals compute (numpy), float32 is faster")
+    e.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default=None,
+                   help="scoring dtype (default: the original's: float64 numpy for most, float32 for GSMN); "
+                        "float32 is faster")
     e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
     e.add_argument("--memory-budget", type=float, metavar="MB",
                    help="memory for cross-attention intermediates per tile (changes speed, never scores)")

@@ -64,12 +64,14 @@ def encode_captions(model: RetrievalModel, tokens: Sequence[list[int]], *, batch
 
 @torch.inference_mode()
 def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *, chunk: int = 1024,
-                      dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> np.ndarray:
-    """(n_images, n_captions) scores, computed `chunk` images at a time.
+                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+    """(n_images, n_captions) float64 scores, computed `chunk` images at a time in `dtype`.
 
-    dtype float64 by default: the originals copy embeddings into float64 numpy arrays before scoring. Packed
-    per-word features stay in their storage dtype; the model casts each tile.
+    dtype defaults to the model's `eval_dtype`, the precision its original scored in (float64 for most: they
+    copy embeddings into float64 numpy arrays before scoring). Packed per-word features stay in their storage
+    dtype; the model casts each tile.
     """
+    dtype = dtype or model.eval_dtype
     texts = texts.to(device, None if texts.offsets is not None else dtype)
     out = np.empty((len(images), len(texts)), dtype=np.float64)
     for start in range(0, len(images), chunk):
@@ -105,7 +107,7 @@ def encode_split(model: RetrievalModel, split: PrecompSplit, vocab: CaptionToken
 
 def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
                  device: torch.device | str = "cpu", progress: bool = False,
-                 dtype: torch.dtype = torch.float64, box_compat: bool = False, compat_batch_size: int = 64,
+                 dtype: torch.dtype | None = None, box_compat: bool = False, compat_batch_size: int = 64,
                  fold5: bool = False) -> np.ndarray:
     """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix."""
     was_training = model.training

@@ -66,6 +66,9 @@ class RetrievalModel(nn.Module):
     global_batch_loss: bool = True
     # Batch fields `training_loss` also takes, by name (GSMN: "boxes", "depends"; HREM: "image_ids").
     extra_inputs: tuple[str, ...] = ()
+    # Dtype evaluation scores pairs in by default: the originals copy embeddings into float64 numpy arrays and score
+    # them there (or in float64 torch tensors made from them); GSMN casts each shard back to float32.
+    eval_dtype: torch.dtype = torch.float64
 
     def encode_image(self, images: torch.Tensor) -> Encoded:
         raise NotImplementedError

@@ -73,6 +73,7 @@ class GsmnConfig:
 
 class Gsmn(RetrievalModel):
     extra_inputs = ("boxes", "depends")
+    eval_dtype = torch.float32  # upstream shard_xattn scores `.float()` copies of its float64 embeddings
 
     def __init__(self, cfg: GsmnConfig, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
