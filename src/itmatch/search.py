@@ -95,6 +95,8 @@ def build_index(ckpt: str | os.PathLike, data: str | os.PathLike, *, split: str 
         raise GalleryIndexError(f"gallery must be 'images' or 'captions', got {gallery!r}")
     root = resolve_root(data, split)
     loaded = load_model(ckpt, device=device, vocab=vocab, bert_path=bert_path, data_root=root)
+    if not loaded.model.is_embedding_model():  # before encoding anything: GSMN's encoders would ask for boxes
+        raise _cross_attention_error(loaded, ckpt)
     split_data = PrecompSplit(root, split)
     meta: dict[str, Any] = {
         "modality": gallery,
@@ -104,15 +106,11 @@ def build_index(ckpt: str | os.PathLike, data: str | os.PathLike, *, split: str 
     }
     if gallery == "images":
         rows = image_rows(split_data)
-        with torch.inference_mode():  # refuse a cross-attention model before encoding the whole gallery
-            first = torch.from_numpy(np.asarray(split_data.images[rows[:1]], dtype=np.float32)).to(device)
-            _require_pooled(loaded.model.encode_image(first), loaded, ckpt)
         encoded = encode_images(loaded.model, split_data, batch_size=batch_size, device=device, progress=progress)
         ids = [split_data.ids[r] if split_data.ids else r for r in rows]
         meta["feature_rows"] = rows
     else:
         tokens = [loaded.vocab.encode(c) for c in split_data.captions]
-        _require_pooled(encode_captions(loaded.model, tokens[:1], device=device), loaded, ckpt)
         encoded = encode_captions(loaded.model, tokens, batch_size=batch_size, device=device, progress=progress)
         ids = list(range(split_data.n_captions))
         meta["texts"] = list(split_data.captions)
@@ -125,14 +123,17 @@ def build_index(ckpt: str | os.PathLike, data: str | os.PathLike, *, split: str 
     return index
 
 
+def _cross_attention_error(loaded: LoadedModel, ckpt: str | os.PathLike) -> GalleryIndexError:
+    return GalleryIndexError(
+        f"{ckpt}: {loaded.config.model.name} scores pairs with cross-attention over per-region/per-word features, "
+        f"which an index cannot hold; index an embedding model (vsepp, vse_infinity, vsrn, hrem) and re-rank its "
+        f"top candidates with this one (`itmatch search INDEX --rerank {ckpt}`)"
+    )
+
+
 def _require_pooled(encoded: Encoded, loaded: LoadedModel, ckpt: str | os.PathLike) -> None:
     if encoded.emb.ndim != 2 or encoded.lengths is not None or encoded.offsets is not None:
-        name = loaded.config.model.name
-        raise GalleryIndexError(
-            f"{ckpt}: {name} scores pairs with cross-attention over per-region/per-word features, which an index "
-            f"cannot hold; index an embedding model (vsepp, vse_infinity, vsrn, hrem) and re-rank its top "
-            f"candidates with this one (`itmatch search INDEX --rerank {ckpt}`)"
-        )
+        raise _cross_attention_error(loaded, ckpt)
 
 
 def check_model(meta: dict[str, Any], loaded: LoadedModel, where: str) -> None:
