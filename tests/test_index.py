@@ -136,10 +136,12 @@ def test_stale_or_mismatched_indexes_are_refused_with_one_line(synth_data: Path,
 
 def test_a_cross_attention_model_is_refused_as_an_index_and_named_as_a_reranker(synth_data: Path, scan: Path,
                                                                                  tmp_path: Path, capsys) -> None:
-    for gallery in ("images", "captions"):
-        code, _, err = run_cli(capsys, "index", "build", str(scan), "--data", str(synth_data), "--gallery", gallery,
-                               "--out", str(tmp_path / gallery))
-        assert_one_line_error(code, err, "re-rank its top candidates with this one")
+    gsmn = save_model(tmp_path / "gsmn.pt", synth_data, "gsmn")  # refused before its encoders ask for boxes
+    for ckpt in (scan, gsmn):
+        for gallery in ("images", "captions"):
+            code, _, err = run_cli(capsys, "index", "build", str(ckpt), "--data", str(synth_data), "--gallery",
+                                   gallery, "--out", str(tmp_path / gallery))
+            assert_one_line_error(code, err, "re-rank its top candidates with this one")
 
 
 def test_reranking_with_scan_is_scans_ranking_of_the_candidates(synth_data: Path, vsepp: Path, scan: Path,

@@ -262,6 +262,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     queries = sum(x is not None and x != [] for x in (args.text, args.image, args.image_features))
     if queries != 1:
         raise ItmatchError("search needs exactly one of --text TEXT (repeatable), --image ID, --image-features FILE")
+    if args.image_boxes and not args.image_features:
+        raise ItmatchError("--image-boxes gives the boxes of --image-features (a dataset --image brings its own)")
     searcher = Searcher.open(args.index, ckpt=args.ckpt, rerank=args.rerank, candidates=args.candidates,
                              data=args.data, device=args.device, vocab=args.vocab or "", bert_path=args.bert_path or "",
                              nprobe=args.nprobe, ef_search=args.ef_search)
@@ -271,16 +273,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
         searcher.require_gallery("captions")
         if args.image is not None:
             feats = searcher.image_features(args.image, data=args.data, split=args.split)
+            inputs = searcher.image_inputs(args.image, data=args.data, split=args.split)  # GSMN: its boxes
             labels = [f"image {args.image}"]
         else:
             import numpy as np
 
-            try:
-                feats = np.load(args.image_features, allow_pickle=False)
-            except (OSError, ValueError) as err:
-                raise ItmatchError(f"{args.image_features}: not a readable .npy array ({err})") from None
+            inputs = {}
+            for name, path in (("features", args.image_features), ("boxes", args.image_boxes)):
+                if not path:
+                    continue
+                try:
+                    inputs[name] = np.load(path, allow_pickle=False)
+                except (OSError, ValueError) as err:
+                    raise ItmatchError(f"{path}: not a readable .npy array ({err})") from None
+            feats = inputs.pop("features")
             labels = [args.image_features]
-        results = searcher.search_image(feats, k=args.k)
+        results = searcher.search_image(feats, k=args.k, **inputs)
         labels = labels if len(results) == 1 else [f"{labels[0]}[{i}]" for i in range(len(results))]
     if args.json:
         import dataclasses
@@ -528,6 +536,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--text", action="append", help="text query (repeat for several)")
     se.add_argument("--image", help="image id of the dataset (`{split}_ids.txt`, else the row) as the query")
     se.add_argument("--image-features", help=".npy of one image's features (regions x dim), or a batch")
+    se.add_argument("--image-boxes", help=".npy of --image-features' region boxes (regions x 4: x1, y1, x2, y2 "
+                    "divided by the image's width and height), for a GSMN --rerank")
     se.add_argument("-k", type=int, default=10, help="results per query")
     se.add_argument("--ckpt", help="model checkpoint (default: the one the index was built from; must match)")
     se.add_argument("--rerank", metavar="CKPT",

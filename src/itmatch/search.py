@@ -18,7 +18,9 @@ config differ (a stale index), a text query against a caption gallery and the li
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +31,15 @@ import torch
 
 from itmatch.checkpoints.loader import LoadedModel, load_model
 from itmatch.config import config_to_dict
-from itmatch.data.precomp import PrecompSplit, resolve_root
-from itmatch.errors import GalleryIndexError
+from itmatch.data.gsmn_files import load_parser, parse_dependencies, read_dependencies, read_precaps, split_boxes
+from itmatch.data.precomp import PrecompSplit, read_captions, resolve_root
+from itmatch.data.tokenize import tokenize
+from itmatch.errors import DataError, GalleryIndexError
 from itmatch.index import GalleryIndex, IndexSpec, file_sha256, read_meta
 from itmatch.inference import encode_captions, encode_images, image_rows
 from itmatch.models.base import Encoded
+
+_logger = logging.getLogger(__name__)
 
 Gallery = Literal["images", "captions"]
 # Config keys that move a model or tune speed without changing its scores.
@@ -95,6 +101,8 @@ def build_index(ckpt: str | os.PathLike, data: str | os.PathLike, *, split: str 
         raise GalleryIndexError(f"gallery must be 'images' or 'captions', got {gallery!r}")
     root = resolve_root(data, split)
     loaded = load_model(ckpt, device=device, vocab=vocab, bert_path=bert_path, data_root=root)
+    if not loaded.model.is_embedding_model():  # before encoding anything: GSMN's encoders would ask for boxes
+        raise _cross_attention_error(loaded, ckpt)
     split_data = PrecompSplit(root, split)
     meta: dict[str, Any] = {
         "modality": gallery,
@@ -104,15 +112,11 @@ def build_index(ckpt: str | os.PathLike, data: str | os.PathLike, *, split: str 
     }
     if gallery == "images":
         rows = image_rows(split_data)
-        with torch.inference_mode():  # refuse a cross-attention model before encoding the whole gallery
-            first = torch.from_numpy(np.asarray(split_data.images[rows[:1]], dtype=np.float32)).to(device)
-            _require_pooled(loaded.model.encode_image(first), loaded, ckpt)
         encoded = encode_images(loaded.model, split_data, batch_size=batch_size, device=device, progress=progress)
         ids = [split_data.ids[r] if split_data.ids else r for r in rows]
         meta["feature_rows"] = rows
     else:
         tokens = [loaded.vocab.encode(c) for c in split_data.captions]
-        _require_pooled(encode_captions(loaded.model, tokens[:1], device=device), loaded, ckpt)
         encoded = encode_captions(loaded.model, tokens, batch_size=batch_size, device=device, progress=progress)
         ids = list(range(split_data.n_captions))
         meta["texts"] = list(split_data.captions)
@@ -125,14 +129,17 @@ def build_index(ckpt: str | os.PathLike, data: str | os.PathLike, *, split: str 
     return index
 
 
+def _cross_attention_error(loaded: LoadedModel, ckpt: str | os.PathLike) -> GalleryIndexError:
+    return GalleryIndexError(
+        f"{ckpt}: {loaded.config.model.name} scores pairs with cross-attention over per-region/per-word features, "
+        f"which an index cannot hold; index an embedding model (vsepp, vse_infinity, vsrn, hrem) and re-rank its "
+        f"top candidates with this one (`itmatch search INDEX --rerank {ckpt}`)"
+    )
+
+
 def _require_pooled(encoded: Encoded, loaded: LoadedModel, ckpt: str | os.PathLike) -> None:
     if encoded.emb.ndim != 2 or encoded.lengths is not None or encoded.offsets is not None:
-        name = loaded.config.model.name
-        raise GalleryIndexError(
-            f"{ckpt}: {name} scores pairs with cross-attention over per-region/per-word features, which an index "
-            f"cannot hold; index an embedding model (vsepp, vse_infinity, vsrn, hrem) and re-rank its top "
-            f"candidates with this one (`itmatch search INDEX --rerank {ckpt}`)"
-        )
+        raise _cross_attention_error(loaded, ckpt)
 
 
 def check_model(meta: dict[str, Any], loaded: LoadedModel, where: str) -> None:
@@ -157,8 +164,31 @@ def check_model(meta: dict[str, Any], loaded: LoadedModel, where: str) -> None:
         )
 
 
+def encoder_inputs(loaded: LoadedModel) -> frozenset[str]:
+    """What a model's encoders read besides features and word ids, named as its `extra_inputs`: "boxes" (per image)
+    and "depends" (per caption, for configs with `sparse`, as `gsmn_files.model_inputs` reads them). Names that only
+    training reads (HREM's "image_ids") are not included."""
+    declared = set(getattr(loaded.model, "extra_inputs", ()))
+    needed = declared & {"boxes"}
+    if "depends" in declared and getattr(loaded.config.model, "sparse", False):
+        needed.add("depends")
+    return frozenset(needed)
+
+
+def _pretokenized(loaded: LoadedModel) -> bool:
+    """Whether a model reads caption ids from `{split}_precaps_stan.txt` (released GSMN) instead of its vocabulary."""
+    return getattr(loaded.config.model, "text_ids", "vocab") != "vocab"
+
+
 class Searcher:
-    """An opened index with the model that built it (and optionally a re-ranker); answers text and image queries."""
+    """An opened index with the model that built it (and optionally a re-ranker); answers text and image queries.
+
+    A re-ranker whose encoders read more than features and word ids (`encoder_inputs`: GSMN's boxes and, sparse,
+    dependency pairs) gets them as evaluation does: the boxes of candidate and query images from the dataset
+    (`split_boxes`, each box divided by its image's size), the dependency pairs of candidate captions from the
+    dataset's `{split}_caps.json` (a parse of their text when it has none) and those of a text query from spaCy's
+    parse of its tokens.
+    """
 
     def __init__(self, index: GalleryIndex, model: LoadedModel, *, reranker: LoadedModel | None = None,
                  candidates: int = 100, data: str | os.PathLike | None = None, device: str = "cpu",
@@ -170,12 +200,23 @@ class Searcher:
         self.data_root = Path(data) if data is not None else Path(built["root"]) if built.get("root") else None
         self.split = built.get("split", "test")
         self._gallery_features: PrecompSplit | None = None
+        self._needs = frozenset() if reranker is None else encoder_inputs(reranker)
+        self._boxes: dict[tuple[str, str], np.ndarray] = {}  # normalised boxes per (dataset directory, split)
+        self._caption_inputs: dict[str, list] = {}  # per caption row: "depends", "tokens" read from the dataset
+        self._parser: Any = None  # spaCy, loaded once (about 0.3 s; a caption's parse takes 2 ms)
+        self._parser_lock = threading.Lock()
         if reranker is not None:
             if candidates <= 0:
                 raise GalleryIndexError(f"--candidates must be > 0, got {candidates}")
             if self.modality == "images":  # stage two encodes the candidate images from the dataset
                 self._gallery_features = self._dataset()
                 self._check_image_dim(reranker, self._gallery_features.feature_dim)
+                if "boxes" in self._needs:  # read now: missing box files are refused on opening, not per query
+                    self._split_boxes(self._gallery_features)
+            else:
+                self._caption_inputs = self._dataset_caption_inputs(reranker)
+            if "depends" in self._needs and "depends" not in self._caption_inputs:  # queries or captions are parsed
+                self._load_parser()  # now: a missing parser is refused on opening, and the first query is not slower
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, ckpt: str | os.PathLike | None = None,
@@ -204,20 +245,30 @@ class Searcher:
         """Text -> image: the k best gallery images for each query (an image index is needed)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         self.require_gallery("images")
+        if self.reranker is not None and _pretokenized(self.reranker):
+            raise GalleryIndexError(
+                f"{self.reranker.path}: this {self.reranker.config.model.name} model reads caption word ids from "
+                f"{self.split}_precaps_stan.txt (model.text_ids = 'precaps_stan'), so it cannot encode a free-text "
+                "query; re-rank text queries with a model trained on the vocabulary (text_ids = 'vocab')")
         queries = self._encode_texts(self.model, texts)
         _require_pooled(queries, self.model, self.model.path)
         return self._search(queries.emb.float().numpy(), k, texts)
 
-    def search_image(self, features: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search_image(self, features: np.ndarray, k: int = 10, *, boxes: np.ndarray | None = None) -> list[list[Hit]]:
         """Image -> text: the k best gallery captions for each query image, given as features (R, D) / (B, R, D)
-        (region features, as the dataset's `{split}_ims.npy` rows) or (D,) / (B, D) for grid-free models."""
+        (region features, as the dataset's `{split}_ims.npy` rows) or (D,) / (B, D) for grid-free models.
+
+        `boxes` (R, 4) / (B, R, 4): each region's x1, y1, x2, y2 divided by its image's width and height, needed by
+        re-rankers that read the regions' geometry (GSMN); `image_inputs` gives a dataset image's.
+        """
         self.require_gallery("captions")
         feats = np.asarray(features, dtype=np.float32)
         single = len(self.index.meta.get("data", {}).get("image_shape", [feats.shape[-1]]))  # ndim of one image
         batch = feats[None] if feats.ndim == single else feats
+        query_boxes = self._query_boxes(boxes, batch)
         queries = self._encode_features(self.model, batch)
         _require_pooled(queries, self.model, self.model.path)
-        return self._search(queries.emb.float().numpy(), k, list(batch))
+        return self._search(queries.emb.float().numpy(), k, list(zip(batch, query_boxes, strict=True)))
 
     def require_gallery(self, gallery: Gallery) -> None:
         """Refuse a query of the wrong side: text queries search images, image queries search captions."""
@@ -229,14 +280,17 @@ class Searcher:
     def image_features(self, image_id: Any, data: str | os.PathLike | None = None,
                        split: str | None = None) -> np.ndarray:
         """Region features of a dataset image, found by its id (`{split}_ids.txt`; the row without such a file)."""
-        split = split or self.split
-        split_data = PrecompSplit(resolve_root(data or self.data_root or ".", split), split)
-        ids = split_data.ids or list(range(len(split_data.images)))
-        matches = [row for row, i in enumerate(ids) if str(i) == str(image_id)]
-        if not matches:
-            raise GalleryIndexError(f"no image with id {image_id} in {split_data.root}/{split_data.split}_ids.txt"
-                                    if split_data.ids else f"no image row {image_id} in {split_data.images.path}")
-        return np.asarray(split_data.images[matches[0]], dtype=np.float32)
+        split_data, row = self._dataset_image(image_id, data, split)
+        return np.asarray(split_data.images[row], dtype=np.float32)
+
+    def image_inputs(self, image_id: Any, data: str | os.PathLike | None = None,
+                     split: str | None = None) -> dict[str, np.ndarray]:
+        """What the re-ranker reads about a dataset image besides its features, to pass on as
+        `search_image(features, **inputs)`: {"boxes": (R, 4)} for GSMN (normalised as in evaluation), else {}."""
+        if "boxes" not in self._needs:
+            return {}
+        split_data, row = self._dataset_image(image_id, data, split)
+        return {"boxes": self._split_boxes(split_data)[row]}
 
     # ------------------------------------------------------------------------------------------------ internals
     def _search(self, vectors: np.ndarray, k: int, raw_queries: list[Any]) -> list[list[Hit]]:
@@ -269,23 +323,157 @@ class Searcher:
         if self.modality == "images":
             assert self._gallery_features is not None
             feature_rows = np.asarray([self.index.meta["feature_rows"][r] for r in rows])
-            images = self._encode_features(model, self._gallery_features.images[feature_rows])
-            texts = self._encode_texts(model, [query])
+            boxes = self._split_boxes(self._gallery_features)[feature_rows] if "boxes" in self._needs else None
+            images = self._encode_features(model, self._gallery_features.images[feature_rows], boxes)
+            depends = self._parse([query]) if "depends" in self._needs else None
+            texts = self._encode_texts(model, [query], depends=depends)
             sims = model.model.similarity(images, texts)[:, 0]  # (k,)
         else:
-            self._check_image_dim(model, np.shape(query)[-1])
-            images = self._encode_features(model, np.asarray(query, dtype=np.float32)[None])
-            texts = self._encode_texts(model, [self.index.meta["texts"][r] for r in rows])
+            feats, boxes = query
+            self._check_image_dim(model, np.shape(feats)[-1])
+            images = self._encode_features(model, np.asarray(feats, dtype=np.float32)[None],
+                                           None if boxes is None else boxes[None])
+            texts = self._encode_gallery_captions(model, rows)
             sims = model.model.similarity(images, texts)[0]  # (k,)
         return sims.double().cpu().tolist()
 
-    def _encode_texts(self, model: LoadedModel, texts: list[str]) -> Encoded:
-        return encode_captions(model.model, [model.vocab.encode(t) for t in texts], device=self.device)
+    def _encode_texts(self, model: LoadedModel, texts: list[str], *, depends: list | None = None) -> Encoded:
+        return encode_captions(model.model, [model.vocab.encode(t) for t in texts], device=self.device,
+                               depends=depends)
+
+    def _encode_gallery_captions(self, model: LoadedModel, rows: list[int]) -> Encoded:
+        """The re-ranker's encoding of gallery captions: word ids and dependency pairs from the dataset when it has
+        them (`_dataset_caption_inputs`), else the vocabulary's ids and a parse of the index's caption texts."""
+        texts, known = self.index.meta["texts"], self._caption_inputs
+        tokens = ([known["tokens"][r] for r in rows] if "tokens" in known
+                  else [model.vocab.encode(texts[r]) for r in rows])
+        depends = None
+        if "depends" in self._needs:
+            depends = ([known["depends"][r] for r in rows] if "depends" in known
+                       else self._parse([texts[r] for r in rows]))
+        return encode_captions(model.model, tokens, device=self.device, depends=depends)
 
     @torch.inference_mode()
-    def _encode_features(self, model: LoadedModel, feats: np.ndarray) -> Encoded:
+    def _encode_features(self, model: LoadedModel, feats: np.ndarray, boxes: np.ndarray | None = None) -> Encoded:
         self._check_image_dim(model, feats.shape[-1])
-        return model.model.encode_image(torch.from_numpy(np.ascontiguousarray(feats)).float().to(self.device)).to("cpu")
+        images = torch.from_numpy(np.ascontiguousarray(feats)).float().to(self.device)
+        if boxes is None:
+            return model.model.encode_image(images).to("cpu")
+        boxes_t = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)).to(self.device)
+        return model.model.encode_image(images, boxes=boxes_t).to("cpu")
+
+    def _parse(self, texts: list[str]) -> list[list[list[int]]]:
+        """Dependency pairs of texts, on the tokens `Vocabulary.encode` frames with <start> and <end>, so that pair
+        positions are positions in the word ids; a text without words has none."""
+        tokens = [tokenize(t) for t in texts]
+        words = [t for t in tokens if t]
+        with self._parser_lock:  # one spaCy pipeline, shared by the service's threads
+            parsed = iter(parse_dependencies(words, parser=self._load_parser()) if words else [])
+        return [next(parsed) if t else [] for t in tokens]
+
+    def _load_parser(self) -> Any:
+        if self._parser is None:
+            self._parser = load_parser()
+        return self._parser
+
+    def _query_boxes(self, boxes: np.ndarray | None, batch: np.ndarray) -> list[np.ndarray | None]:
+        """Per query image, the (R, 4) boxes the re-ranker reads (None for each when it reads none)."""
+        if "boxes" not in self._needs:
+            return [None] * len(batch)
+        assert self.reranker is not None
+        if boxes is None:
+            raise GalleryIndexError(
+                f"{self.reranker.config.model.name} re-ranking needs the boxes of the query image's regions: query a "
+                "dataset image by its id (`itmatch search INDEX --image ID`, or `Searcher.image_inputs`), or give "
+                "(regions, 4) boxes x1, y1, x2, y2 divided by the image's width and height with the features "
+                "(`--image-boxes FILE`, `search_image(features, boxes=...)`)")
+        arr = np.asarray(boxes, dtype=np.float32)
+        arr = arr[None] if arr.ndim == 2 else arr
+        if batch.ndim == 3 and arr.shape != (*batch.shape[:2], 4):
+            raise GalleryIndexError(f"boxes of shape {np.shape(boxes)} for query features of shape {batch.shape}; "
+                                    f"expected ({batch.shape[1]}, 4) per image")
+        if not np.isfinite(arr).all():
+            raise GalleryIndexError("boxes contain NaN or infinity")
+        return list(arr)
+
+    def _dataset_image(self, image_id: Any, data: str | os.PathLike | None,
+                       split: str | None) -> tuple[PrecompSplit, int]:
+        split = split or self.split
+        split_data = PrecompSplit(resolve_root(data or self.data_root or ".", split), split)
+        ids = split_data.ids or list(range(len(split_data.images)))
+        matches = [row for row, i in enumerate(ids) if str(i) == str(image_id)]
+        if not matches:
+            raise GalleryIndexError(f"no image with id {image_id} in {split_data.root}/{split_data.split}_ids.txt"
+                                    if split_data.ids else f"no image row {image_id} in {split_data.images.path}")
+        return split_data, matches[0]
+
+    def _split_boxes(self, split_data: PrecompSplit) -> np.ndarray:
+        """(feature rows, R, 4) boxes of a split, each divided by its image's size (`model_inputs`' default
+        geometry, which evaluation feeds the model), read once per split."""
+        key = (str(split_data.root.resolve()), split_data.split)
+        if key not in self._boxes:
+            name = self.reranker.config.model.name if self.reranker is not None else "the re-ranker"
+            try:
+                boxes = split_boxes(split_data.root, split_data.split, len(split_data.images))
+            except DataError as err:
+                raise GalleryIndexError(f"{name} re-ranking reads the boxes of every region: {err}") from None
+            if split_data.images.ndim != 3 or boxes.shape[1] != split_data.images.shape[1]:
+                raise GalleryIndexError(f"{split_data.root}/{split_data.split}_ims_bbx.npy has {boxes.shape[1]} "
+                                        f"boxes per image for features of shape {split_data.images.shape}")
+            self._boxes[key] = boxes
+        return self._boxes[key]
+
+    def _dataset_caption_inputs(self, reranker: LoadedModel) -> dict[str, list]:
+        """What the re-ranker reads per gallery caption from the dataset, as evaluation does: dependency pairs
+        (sparse: `{split}_caps.json`) and word ids (text_ids = 'precaps_stan': `{split}_precaps_stan.txt`).
+
+        Without caps.json (or without the dataset) the candidates' texts are parsed per query instead; the
+        precaps ids have no such substitute, and neither do their pairs (a parse of our tokens would not fit them).
+        """
+        wants_depends, pretokenized = "depends" in self._needs, _pretokenized(reranker)
+        if not (wants_depends or pretokenized):
+            return {}
+        n = len(self.index.meta["texts"])
+        root = self._caption_root()
+        out: dict[str, list] = {}
+        name = reranker.config.model.name
+        try:
+            if wants_depends and root is not None and (root / f"{self.split}_caps.json").is_file():
+                out["depends"] = read_dependencies(root / f"{self.split}_caps.json", n)
+            if pretokenized:
+                if root is None:
+                    raise GalleryIndexError(
+                        f"{reranker.path}: this {name} model reads caption word ids from {self.split}_precaps_stan.txt "
+                        f"(model.text_ids = 'precaps_stan'); pass --data DIR, the dataset {self.where} was built from")
+                out["tokens"] = read_precaps(root / f"{self.split}_precaps_stan.txt", n)
+                if wants_depends and "depends" not in out:
+                    raise GalleryIndexError(
+                        f"{reranker.path}: this sparse {name} model reads precaps_stan word ids, whose dependency "
+                        f"pairs are {root / f'{self.split}_caps.json'}, which is missing (a parse of the caption "
+                        "text would not fit those ids)")
+        except DataError as err:
+            raise GalleryIndexError(f"{name} re-ranking of {self.where}: {err}") from None
+        if wants_depends and "depends" not in out:
+            _logger.info("%s: no %s_caps.json with its captions; parsing the candidate captions", self.where,
+                         self.split)
+        return out
+
+    def _caption_root(self) -> Path | None:
+        """The dataset directory of the index's split when its `{split}_caps.txt` still holds the indexed captions
+        (so its per-caption files line up with the gallery rows), else None."""
+        if self.data_root is None:
+            return None
+        try:
+            root = resolve_root(self.data_root, self.split)
+            captions = read_captions(root / f"{self.split}_caps.txt")
+        except DataError:
+            return None
+        texts = self.index.meta["texts"]
+        if captions[: len(texts)] != texts:
+            _logger.warning("%s: %s/%s_caps.txt no longer holds the indexed captions; not reading its per-caption "
+                            "files", self.where, root, self.split)
+            return None
+        return root
 
     @staticmethod
     def _check_image_dim(model: LoadedModel, dim: int) -> None:

@@ -9,8 +9,9 @@ which the page draws over the thumbnail.
 
 Uploads are region features, not picture files: the indexed models read detector features (`{split}_ims.npy`
 rows), so an "image" query is an (R, D) array saved with `numpy.save`. Picture files are refused with 415 and a
-message saying so. Every limit (query length, k, upload bytes, regions) is a `ServeLimits` field; a request over
-one is a 4xx whose JSON `detail` is one line.
+message saying so. A GSMN re-ranker also reads the boxes of the query image's regions: a dataset image brings its
+own, an upload has none and is answered 400 saying so. Every limit (query length, k, upload bytes, regions) is a
+`ServeLimits` field; a request over one is a 4xx whose JSON `detail` is one line.
 
 Thumbnails: the gallery's own picture files when it has them (`id_mapping.json` or `images/ID.png|jpg`), else the
 synthetic dataset's scenes drawn from `scenes.jsonl` on first request (cached in a temporary directory). Only ids
@@ -276,7 +277,8 @@ class RetrievalService:
         row = self.row(image_id)
         key = self.ids[row]
         feats = np.asarray(self.split.images[row], dtype=np.float32)
-        hits = searcher.search_image(feats, k=self._check_k(k))[0]
+        inputs = searcher.image_inputs(key, data=self.root, split=self.split_name)  # a GSMN re-ranker's boxes
+        hits = searcher.search_image(feats, k=self._check_k(k), **inputs)[0]
         return {"query": {"id": key}, "ground_truth": [key],
                 "hits": [self._hit(h, ground_truth=str(h.image_id) == str(key)) for h in hits]}
 
