@@ -1,9 +1,10 @@
 """Scratch buffers reused across the tiles of a scoring loop.
 
 Tiled scoring allocates and frees intermediates of a few MB per tile. PyTorch's CPU allocator does not cache, and
-glibc's malloc may give such blocks back to the kernel and fault fresh pages in for the next tile: hundreds of
-page faults per tile, which measured up to 15x slower than the arithmetic on them (benchmarks/gsmn_eval.py). A
-loop that writes its large intermediates into a `Workspace` (`out=`) touches the same memory every tile.
+glibc's malloc may give such blocks back to the kernel and fault fresh pages in for the next tile, depending on
+the process's allocation history: measured up to 800 page faults per GSMN tile, which made single ops up to 15x
+slower than on warm memory. A loop that writes its large intermediates into a `Workspace` (`out=`) touches the
+same memory every tile.
 `run_tiles` runs such a loop, on several threads when asked.
 """
 
