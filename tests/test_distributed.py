@@ -30,11 +30,11 @@ def test_gather_is_the_identity_in_one_process() -> None:
 
 
 def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crashing rank prints its stack
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stderr[-12000:]
     return proc
 
 

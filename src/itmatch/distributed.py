@@ -61,13 +61,8 @@ def setup(device: str) -> tuple[DistInfo, torch.device]:
     return info, torch.device(f"cuda:{info.local_rank}") if cuda else torch.device(device)
 
 
-def teardown(*, wait: bool = True) -> None:
-    """Leave the process group. `wait` first waits for every rank: a rank leaving while another is still at work
-    (rank 0 saving) could abort in gloo's shutdown ("terminate called without an active exception", seen once in
-    three full test runs). After an error the other ranks may never arrive, so the caller passes wait=False."""
+def teardown() -> None:
     if dist.is_initialized():
-        if wait and dist.get_world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
 
 

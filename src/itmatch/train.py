@@ -213,14 +213,10 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     info, device = distributed.setup(cfg.train.device)
     joined = joined and info.enabled  # tear down only a process group this call created
     try:
-        summary = _fit(cfg, Path(out_dir), info, device, resume=resume, progress=progress, on_step=on_step)
-    except BaseException:
+        return _fit(cfg, Path(out_dir), info, device, resume=resume, progress=progress, on_step=on_step)
+    finally:
         if joined:
-            distributed.teardown(wait=False)
-        raise
-    if joined:
-        distributed.teardown()
-    return summary
+            distributed.teardown()
 
 
 def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.device, *, resume: bool,
