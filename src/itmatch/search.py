@@ -31,7 +31,15 @@ import torch
 
 from itmatch.checkpoints.loader import LoadedModel, load_model
 from itmatch.config import config_to_dict
-from itmatch.data.gsmn_files import load_parser, parse_dependencies, read_dependencies, read_precaps, split_boxes
+from itmatch.data.gsmn_files import (
+    load_parser,
+    parse_dependencies,
+    read_dependencies,
+    read_precaps,
+    reads_dependencies,
+    reads_precaps,
+    split_boxes,
+)
 from itmatch.data.precomp import PrecompSplit, read_captions, resolve_root
 from itmatch.data.tokenize import tokenize
 from itmatch.errors import DataError, GalleryIndexError
@@ -170,14 +178,9 @@ def encoder_inputs(loaded: LoadedModel) -> frozenset[str]:
     training reads (HREM's "image_ids") are not included."""
     declared = set(getattr(loaded.model, "extra_inputs", ()))
     needed = declared & {"boxes"}
-    if "depends" in declared and getattr(loaded.config.model, "sparse", False):
+    if "depends" in declared and reads_dependencies(loaded.config.model):
         needed.add("depends")
     return frozenset(needed)
-
-
-def _pretokenized(loaded: LoadedModel) -> bool:
-    """Whether a model reads caption ids from `{split}_precaps_stan.txt` (released GSMN) instead of its vocabulary."""
-    return getattr(loaded.config.model, "text_ids", "vocab") != "vocab"
 
 
 class Searcher:
@@ -245,7 +248,7 @@ class Searcher:
         """Text -> image: the k best gallery images for each query (an image index is needed)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         self.require_gallery("images")
-        if self.reranker is not None and _pretokenized(self.reranker):
+        if self.reranker is not None and reads_precaps(self.reranker.config.model):
             raise GalleryIndexError(
                 f"{self.reranker.path}: this {self.reranker.config.model.name} model reads caption word ids from "
                 f"{self.split}_precaps_stan.txt (model.text_ids = 'precaps_stan'), so it cannot encode a free-text "
@@ -430,7 +433,7 @@ class Searcher:
         Without caps.json (or without the dataset) the candidates' texts are parsed per query instead; the
         precaps ids have no such substitute, and neither do their pairs (a parse of our tokens would not fit them).
         """
-        wants_depends, pretokenized = "depends" in self._needs, _pretokenized(reranker)
+        wants_depends, pretokenized = "depends" in self._needs, reads_precaps(reranker.config.model)
         if not (wants_depends or pretokenized):
             return {}
         n = len(self.index.meta["texts"])

@@ -18,6 +18,7 @@ import torch
 
 from itmatch.checkpoints import gsmn, hrem, native, scan, vse_infinity, vsrn
 from itmatch.config import Config, DataConfig, config_from_dict
+from itmatch.data.gsmn_files import reads_precaps
 from itmatch.data.precomp import find_vocab
 from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
 from itmatch.data.vocab import Vocabulary, load_vocab
@@ -117,7 +118,7 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
             )
         model_cfg, state = convert(ckpt)
         model_cfg = _with_bert_path(model_cfg, bert_path)
-        pretokenized = getattr(model_cfg, "text_ids", "vocab") != "vocab"  # GSMN: ids from precaps_stan.txt
+        pretokenized = reads_precaps(model_cfg)  # GSMN: ids from precaps_stan.txt
         if uses_vocab(model_cfg) and not vocab and data_root is not None and not pretokenized:
             vocab = str(find_vocab(data_root))
         if not uses_vocab(model_cfg) and not getattr(model_cfg, "bert_path", ""):

@@ -284,6 +284,17 @@ def write_dependencies(captions_path: Path, out: Path, *, progress: bool = False
     return len(deps)
 
 
+def reads_dependencies(model_cfg: Any) -> bool:
+    """Whether a model config's text encoder reads each caption's dependency pairs (sparse GSMN)."""
+    return bool(getattr(model_cfg, "sparse", False))
+
+
+def reads_precaps(model_cfg: Any) -> bool:
+    """Whether a model config reads caption word ids from `{split}_precaps_stan.txt` (released GSMN models)
+    instead of encoding captions with a vocabulary."""
+    return getattr(model_cfg, "text_ids", "vocab") == "precaps_stan"
+
+
 def model_inputs(split: PrecompSplit, model_cfg: Any, *, rows: Sequence[int] | None = None, box_compat: bool = False,
                  compat_batch_size: int = 64, fold5: bool = False) -> dict[str, Any]:
     """GSMN's inputs for a split: `boxes` (one row per entry of `rows`, default every feature row), `depends`
@@ -301,8 +312,8 @@ def model_inputs(split: PrecompSplit, model_cfg: Any, *, rows: Sequence[int] | N
     else:
         boxes = split_boxes(split.root, split.split, n_rows)
         out["boxes"] = boxes if rows is None else boxes[np.asarray(rows, dtype=np.int64)]
-    if getattr(model_cfg, "sparse", False):
+    if reads_dependencies(model_cfg):
         out["depends"] = read_dependencies(split.root / f"{split.split}_caps.json", split.n_captions)
-    if getattr(model_cfg, "text_ids", "vocab") == "precaps_stan":
+    if reads_precaps(model_cfg):
         out["tokens"] = read_precaps(split.root / f"{split.split}_precaps_stan.txt", split.n_captions)
     return out
