@@ -34,12 +34,11 @@ class Workspace:
 
     def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """An uninitialised (shape) tensor with `like`'s dtype and device."""
-        buf = self._buffers.get(name)
-        if buf is not None and buf.dtype == like.dtype and buf.device == like.device:
-            view = self._views.get((name, shape))
-            if view is not None:
-                return view
+        view = self._views.get((name, shape))  # views of a replaced buffer are dropped with it
+        if view is not None and view.dtype == like.dtype and view.device == like.device:
+            return view
         n = math.prod(shape)
+        buf = self._buffers.get(name)
         if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
             buf = like.new_empty(n)
             self._buffers[name] = buf
