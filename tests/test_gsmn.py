@@ -298,3 +298,14 @@ def test_evaluation_scores_in_float32_as_the_original_shard_loop(monkeypatch) ->
     from itmatch.models.base import RetrievalModel
 
     assert RetrievalModel.eval_dtype == torch.float64
+
+
+def test_triangle_indices_cached_in_inference_mode_serve_autograd() -> None:
+    from itmatch.modules.graph_matching import _triangle, _triangle_gram
+
+    n = 13  # a size no other test caches first
+    with torch.inference_mode():
+        _triangle(n, torch.device("cpu"))
+    x = torch.rand(2, n, 32, requires_grad=True)
+    _triangle_gram(x, 16).sum().backward()  # raised "Inference tensors cannot be saved for backward"
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -193,8 +193,13 @@ def _block_gram(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _triangle(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of the upper triangle (i <= j) of an n x n matrix, `torch.triu_indices` order."""
-    iu, ju = torch.triu_indices(n, n, device=device)
+    """Row and column indices of the upper triangle (i <= j) of an n x n matrix, `torch.triu_indices` order.
+
+    Made outside inference mode: a cached index first asked for during evaluation must still serve training (an
+    inference tensor cannot be saved for backward; GSMN's second epoch failed on a caption length first seen by
+    the dev evaluation)."""
+    with torch.inference_mode(False):
+        iu, ju = torch.triu_indices(n, n, device=device)
     return iu, ju
 
 
