@@ -105,3 +105,14 @@ def crash_and_resume(cfg, root: Path, crash_at: int) -> tuple[dict, dict, dict]:
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     return crashed, a, b
+
+
+def training_recipe(model, *, margin: float = 0.2, max_violation: bool = False, **train):
+    """The training recipe of `model`'s method, for a run with these `[train]` settings (built right after the
+    model, as the training loop does: training-only modules draw their weights after the model's)."""
+    from itmatch.config import Config, TrainConfig
+    from itmatch.recipe import Recipe
+    from itmatch.registry import method_spec
+
+    cfg = Config(model=model.cfg, train=TrainConfig(margin=margin, max_violation=max_violation, **train))
+    return (method_spec(model.cfg.name).recipe or Recipe)(model, cfg)

@@ -31,13 +31,13 @@ def grads(data: str, out_file: str) -> None:
 
     from itmatch import distributed
     from itmatch.data.precomp import CaptionDataset
-    from itmatch.train import _TrainingLoss, build_model, epoch_batches, resolve_config
+    from itmatch.train import _TrainingLoss, build_model, build_recipe, epoch_batches, resolve_config
 
     info, device = distributed.setup("cpu")
     cfg, split, tokenizer = resolve_config(tiny_config(data))
     torch.manual_seed(0)
     model = build_model(cfg, device)
-    ddp = DistributedDataParallel(_TrainingLoss(model))
+    ddp = DistributedDataParallel(_TrainingLoss(build_recipe(model, cfg, distributed.gather_with_grad)))
     dataset = CaptionDataset(split, tokenizer)
     global_batch = epoch_batches(len(dataset), GLOBAL_BATCH, 0, 0)[0]
     batch = dataset.batch(distributed.shard(global_batch, info.rank, info.world_size))

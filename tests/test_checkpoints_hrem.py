@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from itmatch.checkpoints import hrem, vse_infinity
 from itmatch.checkpoints.loader import load_model
 from itmatch.errors import CheckpointError
+from itmatch.models import hrem, vse_infinity
 from itmatch.models.hrem import HremConfig
 from itmatch.registry import create_model
 from tests.test_hrem import AGGR, UPSTREAM_IMAGE

@@ -192,7 +192,7 @@ def test_grid_release_loads_strictly_and_reproduces_the_model(tmp_path: Path) ->
 
 
 def test_grid_release_with_inconsistent_duplicates_is_refused() -> None:
-    from itmatch.checkpoints.vse_infinity import convert
+    from itmatch.models.vse_infinity import convert
 
     torch.manual_seed(1)
     src = create_model(VseInfinityConfig(embed_dim=16, vocab_size=VOCAB, word_dim=8, backbone="resnet50"))

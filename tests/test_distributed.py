@@ -43,7 +43,7 @@ def test_two_processes_give_the_loss_and_gradients_of_one_process_on_the_global_
         tiny_data: Path, tmp_path: Path) -> None:
     """Hardest negatives are mined over the concatenated batch (a per-rank loss would differ)."""
     from itmatch.data.precomp import CaptionDataset
-    from itmatch.train import build_model, resolve_config
+    from itmatch.train import build_model, build_recipe, resolve_config
     from tests.ddp_worker import tiny_config
 
     torchrun("grads", str(tiny_data), str(tmp_path / "ddp.pt"))
@@ -53,7 +53,7 @@ def test_two_processes_give_the_loss_and_gradients_of_one_process_on_the_global_
     torch.manual_seed(0)
     model = build_model(cfg)
     batch = CaptionDataset(split, tokenizer).batch(ddp["batch"])
-    loss = model.training_loss(batch.images, batch.captions, batch.lengths, epoch=0)["loss"]
+    loss = build_recipe(model, cfg).loss(batch.images, batch.captions, batch.lengths, epoch=0)["loss"]
     loss.backward()
     torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -87,15 +87,14 @@ def test_torchrun_training_writes_from_rank_0_only_and_resumes(tiny_data: Path, 
         torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_only_dot_product_models_mine_negatives_over_the_global_batch() -> None:
-    from itmatch.models.hrem import Hrem
-    from itmatch.models.scan import Scan
-    from itmatch.models.vse_infinity import VseInfinity
-    from itmatch.models.vsepp import Vsepp
-    from itmatch.models.vsrn import Vsrn
+def test_only_dot_product_models_mine_negatives_over_the_global_batch(tiny_bert: Path) -> None:
+    from tests.conftest import training_recipe
+    from tests.test_models import tiny_model
 
-    assert [m.is_embedding_model() for m in (Vsepp, VseInfinity, Vsrn, Hrem, Scan)] == [True] * 4 + [False]
-    assert [m.trains_distributed() for m in (Vsepp, VseInfinity, Vsrn, Hrem, Scan)] == [True] * 3 + [False] * 2
+    names = ("vsepp", "vse_infinity", "vsrn", "hrem", "scan", "gsmn")
+    models = [tiny_model(name, str(tiny_bert)) for name in names]
+    assert [m.is_embedding_model() for m in models] == [True] * 4 + [False] * 2
+    assert [training_recipe(m).trains_distributed for m in models] == [True] * 3 + [False] * 3
 
 
 def test_bf16_autocast_trains_and_fp16_needs_a_gpu(tiny_data: Path, tmp_path: Path) -> None:

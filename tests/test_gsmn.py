@@ -151,10 +151,12 @@ def test_gaussian_kernels_match_the_reference_formula() -> None:
 
 
 def test_every_parameter_gets_a_gradient_in_training() -> None:
+    from tests.conftest import training_recipe
+
     model = tiny_model(True).train()
-    model.set_loss(margin=0.2, max_violation=True)
+    recipe = training_recipe(model, max_violation=True)
     images, boxes, captions, lengths, depends = random_inputs(5, 5)
-    loss = model.training_loss(images, captions, lengths, epoch=0, boxes=boxes, depends=depends)["loss"]
+    loss = recipe.loss(images, captions, lengths, epoch=0, boxes=boxes, depends=depends)["loss"]
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
@@ -295,9 +297,10 @@ def test_evaluation_scores_in_float32_as_the_original_shard_loop(monkeypatch) ->
         similarity_matrix(model, img.to("cpu", torch.float64), txt)
         similarity_matrix(model, img, txt, dtype=torch.float64)
     assert seen == [torch.float32, torch.float64]
-    from itmatch.models.base import RetrievalModel
+    from itmatch.registry import method_spec
 
-    assert RetrievalModel.eval_dtype == torch.float64
+    assert method_spec("gsmn").eval_dtype == torch.float32
+    assert method_spec("scan").eval_dtype == method_spec("vsepp").eval_dtype == torch.float64
 
 
 def test_triangle_indices_cached_in_inference_mode_serve_autograd() -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from itmatch.checkpoints import gsmn as gsmn_ckpt
 from itmatch.checkpoints.loader import PretokenizedOnly, load_model
 from itmatch.cli import main
+from itmatch.models import gsmn as gsmn_ckpt
 from tests.test_gsmn import random_inputs, tiny_model
 
 

@@ -22,7 +22,7 @@ from itmatch.modules.pooling import masked_mean_pool, topk_mean_pool
 from itmatch.modules.transformer import post_norm_encoder
 from itmatch.registry import create_model
 from itmatch.train import CHECKPOINT, _set_lr, fit
-from tests.conftest import crash_and_resume
+from tests.conftest import crash_and_resume, training_recipe
 from tests.test_models import IMAGE_DIM, tiny_batch
 
 
@@ -30,6 +30,13 @@ def hrem_model(bert: Path, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     args = {"image_dim": IMAGE_DIM, "embed_dim": 16, "nhead": 2, "bert_path": str(bert), "relation_topk": 3} | kw
     return create_model(HremConfig(**args))
+
+
+def hrem_recipe(model: torch.nn.Module):
+    """HREM's training recipe for `model` (its instance graph in the model's train/eval mode)."""
+    recipe = training_recipe(model)
+    recipe.graph.train(model.training)
+    return recipe
 
 
 # ---------------------------------------------------------------- hand-written references (loops, no batching)
@@ -138,7 +145,8 @@ def test_init_follows_upstream(tiny_bert: Path) -> None:
         r = math.sqrt(6 / (lin.in_features + lin.out_features))
         assert lin.weight.abs().max() <= r and lin.weight.abs().max() > 0.8 * r and not lin.bias.any()
     assert model.txt_enc.linear.bias.any()  # the text projection keeps torch's default init
-    a, b = model.graph.mlp_t2i, model.graph.mlp_i2t  # deep copy: same initial weights, separate parameters
+    graph = hrem_recipe(model).graph
+    a, b = graph.mlp_t2i, graph.mlp_i2t  # deep copy: same initial weights, separate parameters
     assert torch.equal(a[0].weight, b[0].weight) and a[0].weight is not b[0].weight
 
 
@@ -258,7 +266,7 @@ def test_connection_keeps_the_top_half_of_each_row_ties_included() -> None:
 
 def test_graph_relations_mask_transformer_and_kl_against_hand_computation(tiny_bert: Path) -> None:
     model = hrem_model(tiny_bert, warmup_iterations=0, mask_weight=1.5).eval()
-    g = model.graph
+    g = hrem_recipe(model).graph
     gen = torch.Generator().manual_seed(3)
     img = F.normalize(torch.randn(4, 16, generator=gen), dim=1)
     cap = F.normalize(img + 0.7 * torch.randn(4, 16, generator=gen), dim=1)
@@ -299,16 +307,17 @@ def test_graph_relations_mask_transformer_and_kl_against_hand_computation(tiny_b
 
 def test_training_loss_is_base_plus_graph_terms_plus_weighted_kl(tiny_bert: Path) -> None:
     model = hrem_model(tiny_bert, warmup_iterations=2).eval()  # eval: no dropout, BN running statistics
+    recipe = hrem_recipe(model)
     images, captions, lengths = tiny_batch()
     ids = torch.tensor([0, 0, 1, 2, 3, 3])
     with torch.no_grad():
         img, cap = model.encode_image(images).emb, model.encode_text(captions, lengths).emb
         regions, words = model.img_enc(images, torch.full((6,), 5))[2], model.txt_enc(captions, lengths)[2]
-        img_g, cap_g, reg = model.graph(img, cap, regions, words, lengths)
+        img_g, cap_g, reg = recipe.graph(img, cap, regions, words, lengths)
 
     def losses(seed: int, graph: bool) -> dict:
         torch.manual_seed(seed)
-        terms = model.training_loss(images, captions, lengths, epoch=0, image_ids=ids)
+        terms = recipe.loss(images, captions, lengths, epoch=0, image_ids=ids)
         torch.manual_seed(seed)  # the same draws, in upstream's order: base, (img, cap_g), (img_g, cap), (img_g, cap_g)
         want = {"base": distance_weighted_triplet_loss(img @ cap.T, ids)}
         if graph:
@@ -324,7 +333,7 @@ def test_training_loss_is_base_plus_graph_terms_plus_weighted_kl(tiny_bert: Path
 
     losses(0, graph=False)
     losses(1, graph=False)
-    assert model.iterations == 2
+    assert recipe.iterations == 2
     terms = losses(2, graph=True)  # the third step is the first with the graph (upstream counts after forward)
     assert float(terms["graph"].detach()) > 0 and float(terms["reg"].detach()) > 0
 
@@ -347,11 +356,12 @@ def test_checkpoint_holds_the_encoders_only_and_inference_never_touches_the_grap
     assert {k.removeprefix("img_enc.") for k in state if k.startswith("img_enc.")} == UPSTREAM_IMAGE | AGGR
     text = {k.removeprefix("txt_enc.") for k in state if k.startswith("txt_enc.")}
     assert {k for k in text if not k.startswith("bert.")} == {"linear.weight", "linear.bias"} | AGGR
-    assert sum(p.numel() for p in model.graph.parameters()) > 0  # it exists for training ...
+    graph = hrem_recipe(model).graph
+    assert sum(p.numel() for p in graph.parameters()) > 0  # it exists for training ...
     images, captions, lengths = tiny_batch()
     sims = model.similarity(model.encode_image(images), model.encode_text(captions, lengths))
     sims.sum().backward()
-    assert all(p.grad is None for p in model.graph.parameters())  # ... and embedding/scoring never use it
+    assert all(p.grad is None for p in graph.parameters())  # ... and embedding/scoring never use it
     reloaded = hrem_model(tiny_bert, warmup_iterations=0)
     reloaded.load_state_dict(state, strict=True)  # the graph's absence is not a missing key
 
@@ -377,8 +387,6 @@ def test_evaluation_cost_equals_vse_infinity(tiny_bert: Path) -> None:
     assert score(model) == score(vse) > 0
     one = flops(lambda: model.encode_image(images[:1]))
     assert flops(lambda: model.encode_image(images)) == 6 * one
-    model.iterations = 10**6  # graph switched on for training: nothing changes for inference
-    assert flops(lambda: model.encode_image(images)) == 6 * one
     with torch.no_grad():
         batch = model.encode_image(images).emb
         alone = torch.cat([model.encode_image(images[i : i + 1]).emb for i in range(6)])
@@ -393,18 +401,19 @@ def test_evaluation_cost_equals_vse_infinity(tiny_bert: Path) -> None:
 
 def test_optimiser_groups_follow_upstream(tiny_bert: Path) -> None:
     model = hrem_model(tiny_bert, graph_lr_factor=0.5)
-    opt = model.make_optimizer(5e-4)
+    recipe = hrem_recipe(model)
+    opt = recipe.optimizer(5e-4)
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-5, 5e-4, 2.5e-4])
     assert all(g["weight_decay"] == 1e-4 for g in opt.param_groups)
     ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
-    assert ids[3] == {id(p) for p in model.graph.parameters()}
+    assert ids[3] == {id(p) for p in recipe.graph.parameters()}
     assert ids[0] == {id(p) for n, p in model.txt_enc.named_parameters() if not n.startswith("bert.")}
     assert ids[1] == {id(p) for p in model.txt_enc.bert.parameters() if p.requires_grad}
 
 
 def test_lr_milestones_decay_at_each_listed_epoch(tiny_bert: Path) -> None:
-    opt = hrem_model(tiny_bert).make_optimizer(1.0)
+    opt = hrem_recipe(hrem_model(tiny_bert)).optimizer(1.0)
     base = [g["lr"] for g in opt.param_groups]
     for epoch, factor in [(0, 1.0), (14, 1.0), (15, 0.1), (24, 0.1), (25, 0.01), (29, 0.01)]:
         _set_lr(opt, base, epoch, 0, (15, 25))
@@ -439,6 +448,7 @@ def test_vse0_warmup_replaces_only_the_base_term_in_its_epochs(tiny_bert: Path) 
     from itmatch.losses import hinge_loss
 
     model = hrem_model(tiny_bert, warmup_iterations=100, vse_mean_warmup_epochs=1).eval()
+    recipe = hrem_recipe(model)
     images, captions, lengths = tiny_batch()
     ids = torch.tensor([0, 0, 1, 2, 3, 3])
     with torch.no_grad():
@@ -446,11 +456,11 @@ def test_vse0_warmup_replaces_only_the_base_term_in_its_epochs(tiny_bert: Path) 
     eye = torch.eye(6, dtype=torch.bool)
     vse0 = ((0.2 + sims - sims.diagonal()[:, None]).clamp(min=0).masked_fill(eye, 0).sum()
             + (0.2 + sims - sims.diagonal()[None, :]).clamp(min=0).masked_fill(eye, 0).sum())
-    terms = model.training_loss(images, captions, lengths, epoch=0, image_ids=ids)
+    terms = recipe.loss(images, captions, lengths, epoch=0, image_ids=ids)
     torch.testing.assert_close(terms["base"].detach(), vse0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vse0, hinge_loss(sims, margin=0.2, max_violation=False), rtol=1e-5, atol=1e-5)
     torch.manual_seed(3)
-    terms = model.training_loss(images, captions, lengths, epoch=1, image_ids=ids)
+    terms = recipe.loss(images, captions, lengths, epoch=1, image_ids=ids)
     torch.manual_seed(3)
     torch.testing.assert_close(terms["base"].detach(), distance_weighted_triplet_loss(sims, ids), rtol=1e-5,
                                atol=1e-5)
@@ -486,22 +496,22 @@ def test_resume_restores_the_graph_and_its_warmup_counter_exactly(tiny_data: Pat
 
 def test_resuming_without_graph_state_is_refused(tiny_bert: Path) -> None:
     with pytest.raises(CheckpointError, match="no relation-graph state"):
-        hrem_model(tiny_bert).load_training_state_dict({})
+        hrem_recipe(hrem_model(tiny_bert)).load_state_dict({})
 
 
 def test_training_passes_the_image_ids_to_the_loss(tiny_data: Path, tiny_bert: Path, tmp_path: Path,
                                                    monkeypatch) -> None:
-    from itmatch.models.hrem import Hrem
+    from itmatch.models.hrem import HremRecipe
 
     seen = []
-    original = Hrem.training_loss
+    original = HremRecipe.loss
 
     def spy(self, images, captions, lengths, *, epoch, image_lengths=None, image_ids=None):
         seen.append(image_ids)
         return original(self, images, captions, lengths, epoch=epoch, image_lengths=image_lengths,
                         image_ids=image_ids)
 
-    monkeypatch.setattr(Hrem, "training_loss", spy)
+    monkeypatch.setattr(HremRecipe, "loss", spy)
     fit(small(tiny_data, tiny_bert, "train.max_steps=1"), tmp_path / "run")
     assert len(seen) == 1 and seen[0] is not None and len(seen[0]) == 16
     assert (tmp_path / "run" / CHECKPOINT).is_file()
@@ -517,17 +527,18 @@ def test_selecting_on_the_test_split_is_explicit_and_warned(tiny_data: Path, tin
 
 def test_without_norm_input_only_the_graph_transformer_sees_the_raw_embeddings(tiny_bert: Path) -> None:
     model = hrem_model(tiny_bert, warmup_iterations=0, norm_input=False).eval()
+    recipe = hrem_recipe(model)
     images, captions, lengths = tiny_batch()
     with torch.no_grad():
         img, img_raw, regions = model.img_enc(images, torch.full((6,), 5))
         cap, cap_raw, words = model.txt_enc(captions, lengths)
-        _, relevance, reg = model.graph.relations(img, cap, regions, words, lengths)  # normalised, as upstream
-        img_g, cap_g, reg2 = model.graph(img, cap, regions, words, lengths, (img_raw, cap_raw))
-        same_g, _, _ = model.graph(img, cap, regions, words, lengths)
+        _, relevance, reg = recipe.graph.relations(img, cap, regions, words, lengths)  # normalised, as upstream
+        img_g, cap_g, reg2 = recipe.graph(img, cap, regions, words, lengths, (img_raw, cap_raw))
+        same_g, _, _ = recipe.graph(img, cap, regions, words, lengths)
     torch.testing.assert_close(reg2, reg)
     assert not torch.allclose(img_g, same_g)
     torch.manual_seed(0)
-    terms = model.training_loss(images, captions, lengths, epoch=0)
+    terms = recipe.loss(images, captions, lengths, epoch=0)
     torch.manual_seed(0)
     want = distance_weighted_triplet_loss(img @ cap.T, torch.arange(6))
     torch.testing.assert_close(terms["base"].detach(), want)

@@ -7,13 +7,14 @@ import torch
 
 from itmatch.config import load_preset
 from itmatch.modules.norm import l2norm
-from itmatch.registry import create_model, list_models, model_entry
+from itmatch.registry import create_model, list_models, method_spec
+from tests.conftest import training_recipe
 
 VOCAB, IMAGE_DIM, REGIONS = 30, 12, 5
 
 
 def tiny_model(name: str, bert_path: str = "") -> torch.nn.Module:
-    cfg = model_entry(name).config_cls()
+    cfg = method_spec(name).config()
     fields = {f.name for f in dataclasses.fields(cfg)}
     small = {"vocab_size": VOCAB, "image_dim": IMAGE_DIM, "embed_dim": 16, "word_dim": 8, "bert_path": bert_path,
              # HREM: 2 heads for 16 dims, top-3 of the 5 regions, its relation graph on from the first step
@@ -31,28 +32,35 @@ def tiny_batch(b: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
     return images, captions, lengths
 
 
-def tiny_extras(model: torch.nn.Module, lengths: torch.Tensor) -> dict:
-    """The batch inputs a model declares in `extra_inputs` (GSMN: boxes, dependency pairs; HREM: image ids)."""
+def tiny_extras(model: torch.nn.Module, lengths: torch.Tensor, recipe=None) -> dict:
+    """The extra inputs a model's method declares (GSMN: boxes, dependency pairs) and, with `recipe`, the batch
+    fields its loss takes (HREM: image ids)."""
     gen = torch.Generator().manual_seed(1)
     xy = torch.rand(len(lengths), REGIONS, 2, generator=gen) * 0.7
     extras = {"boxes": torch.cat([xy, xy + 0.2], -1),
               "depends": [[[0, 1]] + [[k, k + 1] for k in range(1, n - 1)] for n in lengths.tolist()],
               "image_ids": torch.arange(len(lengths))}
-    return {k: extras[k] for k in getattr(model, "extra_inputs", ())}
+    inputs = method_spec(model.cfg.name).inputs(model.cfg)
+    names = () if inputs is None else inputs.image + inputs.caption
+    names += () if recipe is None else recipe.batch_inputs
+    return {k: extras[k] for k in names}
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_parameter_gets_a_gradient(name: str, tiny_bert) -> None:
     model = tiny_model(name, str(tiny_bert))
+    recipe = training_recipe(model)
     images, captions, lengths = tiny_batch()
-    extra = tiny_extras(model, lengths)
+    extra = tiny_extras(model, lengths, recipe)
     image_extra = {k: v for k, v in extra.items() if k == "boxes"}
     text_extra = {k: v for k, v in extra.items() if k == "depends"}
     sims = model.similarity(model.encode_image(images, **image_extra),
                             model.encode_text(captions, lengths, **text_extra))
     assert sims.shape == (6, 6)
-    model.training_loss(images, captions, lengths, epoch=0, **extra)["loss"].backward()  # training-only parts included
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    recipe.loss(images, captions, lengths, epoch=0, **extra)["loss"].backward()  # training-only parts included
+    named = [*model.named_parameters(),
+             *((f"{k}.{n}", p) for k, m in recipe.modules().items() for n, p in m.named_parameters())]
+    missing = [n for n, p in named if p.requires_grad and p.grad is None]
     assert not missing, f"{name}: no gradient for {missing[:3]}"
 
 

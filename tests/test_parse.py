@@ -172,10 +172,9 @@ def test_parse_command_reports_an_empty_caption_with_its_line(gsmn_data: Path, c
 
 @needs_parser
 def test_parse_command_output_feeds_gsmn_through_the_training_reader(gsmn_data: Path, capsys) -> None:
-    from itmatch.data.gsmn_files import model_inputs
     from itmatch.data.precomp import PrecompSplit
     from itmatch.data.vocab import build_vocab
-    from itmatch.models.gsmn import GsmnConfig, build
+    from itmatch.models.gsmn import GsmnConfig, GsmnInputs, build
 
     code, out, err = run_cli(capsys, "data", "parse", "--data", str(gsmn_data), "--split", "test", "--force")
     assert code == 0, err
@@ -183,7 +182,7 @@ def test_parse_command_output_feeds_gsmn_through_the_training_reader(gsmn_data: 
     assert not list(gsmn_data.glob(".*.tmp"))
     split = PrecompSplit(gsmn_data, "test")
     tokens = [tokenize(c) for c in split.captions]
-    depends = model_inputs(split, GsmnConfig(sparse=True))["depends"]
+    depends = GsmnInputs(GsmnConfig(sparse=True)).for_split(split).captions["depends"]
     assert depends == json.loads((gsmn_data / "test_caps.json").read_text(encoding="utf-8"))
     assert depends == parse_dependencies(tokens)
     assert depends[0] == parse_dependencies([tokenize(CAPTIONS[0])])[0]

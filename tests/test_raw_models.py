@@ -10,6 +10,7 @@ from itmatch.config import load_preset
 from itmatch.models.vse_infinity import VseInfinityConfig, backbone_fixed_blocks, grid_size_augment
 from itmatch.models.vsepp import VseppConfig
 from itmatch.registry import create_model
+from tests.conftest import training_recipe
 
 VOCAB = 30
 
@@ -29,15 +30,16 @@ def grid_model(**kw) -> torch.nn.Module:
 
 def test_grid_model_shapes_gradients_and_eval_determinism() -> None:
     model = grid_model(backbone_frozen_bn=False)
+    recipe = training_recipe(model)
     images, captions, lengths = batch()
-    model.on_epoch_start(0)  # default warm-up: the whole backbone frozen in epoch 0
+    recipe.on_epoch_start(0)  # default warm-up: the whole backbone frozen in epoch 0
     assert not any(p.requires_grad for p in model.img_enc.backbone.parameters())
-    model.on_epoch_start(2)  # then layer4 only
+    recipe.on_epoch_start(2)  # then layer4 only
     assert all(p.requires_grad for p in model.img_enc.backbone.layer4.parameters())
     assert not any(p.requires_grad for p in model.img_enc.backbone.layer3.parameters())
     model.img_enc.backbone.set_fixed_blocks(0)
     model.train()
-    model.training_loss(images, captions, lengths, epoch=0)["loss"].backward()
+    recipe.loss(images, captions, lengths, epoch=0)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
     model.eval()
@@ -71,14 +73,15 @@ def test_backbone_unfreezing_schedule(epoch: int, warmup: int, windows: int, fix
 
 def test_loss_warm_up_in_the_first_backbone_epoch() -> None:
     model = grid_model(embedding_warmup_epochs=1)
+    recipe = training_recipe(model)
     images, captions, lengths = batch()
     model.eval()  # no grid augmentation: the same loss every call
     losses = {}
     for epoch, step in [(0, 3), (1, 0), (1, 3), (2, 3)]:
-        model.on_epoch_start(epoch)
-        model.on_step_start(step, 4)
+        recipe.on_epoch_start(epoch)
+        recipe.on_step_start(step, 4)
         with torch.no_grad():
-            losses[epoch, step] = float(model.training_loss(images, captions, lengths, epoch=epoch)["loss"])
+            losses[epoch, step] = float(recipe.loss(images, captions, lengths, epoch=epoch)["loss"])
     assert losses[1, 0] == 0.0
     assert losses[1, 3] == pytest.approx(0.75 * losses[2, 3])  # step 3 of 4 in the first backbone epoch
     assert losses[0, 3] == pytest.approx(losses[2, 3])  # unscaled before and after
@@ -86,7 +89,7 @@ def test_loss_warm_up_in_the_first_backbone_epoch() -> None:
 
 def test_grid_optimizer_groups() -> None:
     model = grid_model(backbone_lr_factor=0.01)
-    opt = model.make_optimizer(1e-3)
+    opt = training_recipe(model).optimizer(1e-3)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-5, 1e-5, 1e-3]
     assert all(g["weight_decay"] == 1e-4 for g in opt.param_groups)
     n = sum(len(g["params"]) for g in opt.param_groups)
@@ -101,7 +104,7 @@ def test_vsepp_cnn_encoder_is_frozen_unless_finetuned() -> None:
     assert frozen.encode_image(images).emb.shape == (4, 16)
     tuned = create_model(VseppConfig(vocab_size=VOCAB, embed_dim=16, word_dim=8, backbone="resnet_tiny",
                                      finetune=True))
-    tuned.training_loss(images, captions, lengths, epoch=0)["loss"].backward()
+    training_recipe(tuned).loss(images, captions, lengths, epoch=0)["loss"].backward()
     assert tuned.img_enc.cnn.conv1.weight.grad is not None
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-import itmatch.search
+import itmatch.data.gsmn_files
 from itmatch.checkpoints import native
 from itmatch.checkpoints.loader import load_model
 from itmatch.data.gsmn_files import parse_dependencies, read_dependencies, split_boxes
@@ -43,14 +43,14 @@ def marked(depends: list) -> list:
 
 
 def spy_on_the_parser(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Make the search's parses `marked` and record the tokens it parses."""
-    calls, real = [], itmatch.search.parse_dependencies
+    """Make GSMN's parses (the search's, through its inputs) `marked` and record the tokens it parses."""
+    calls, real = [], itmatch.data.gsmn_files.parse_dependencies
 
     def parse(tokens, **kwargs):
         calls.append([list(t) for t in tokens])
         return marked(real(tokens, **kwargs))
 
-    monkeypatch.setattr(itmatch.search, "parse_dependencies", parse)
+    monkeypatch.setattr(itmatch.data.gsmn_files, "parse_dependencies", parse)
     return calls
 
 

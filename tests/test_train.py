@@ -73,9 +73,9 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_one(tmp_path: Path, mo
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
     cfg = small_cfg(tiny_data, "train.save_every=4")
     poison = {"on": False}
-    from itmatch.models.vsepp import Vsepp
+    from itmatch.recipe import Recipe
 
-    original = Vsepp.training_loss
+    original = Recipe.loss
 
     def loss_with_nan(self, *args, **kwargs):
         terms = original(self, *args, **kwargs)
@@ -87,12 +87,12 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_data: P
         if state.global_step == 5:
             poison["on"] = True
 
-    Vsepp.training_loss = loss_with_nan
+    Recipe.loss = loss_with_nan
     try:
         with pytest.raises(TrainingError, match="loss became nan at epoch 1 step 6") as info:
             fit(cfg, tmp_path / "run", on_step=arm)
     finally:
-        Vsepp.training_loss = original
+        Recipe.loss = original
     assert "\n" not in str(info.value)
     saved = native.load(tmp_path / "run" / CHECKPOINT)
     assert saved["state"]["global_step"] == 4

@@ -22,7 +22,7 @@ from itmatch.models.vse_infinity import VseInfinityConfig
 from itmatch.modules.norm import l2norm
 from itmatch.registry import create_model
 from itmatch.train import CHECKPOINT, _set_lr, fit
-from tests.conftest import crash_and_resume
+from tests.conftest import crash_and_resume, training_recipe
 from tests.test_models import IMAGE_DIM, tiny_batch
 
 
@@ -168,7 +168,7 @@ def test_word_noise_needs_a_mask_token(tiny_data: Path) -> None:
 
 def test_optimiser_groups_and_weight_decay_per_branch(tiny_bert: Path) -> None:
     model = bert_model(tiny_bert)
-    opt = model.make_optimizer(5e-4)
+    opt = training_recipe(model).optimizer(5e-4)
     assert isinstance(opt, torch.optim.AdamW)
     lrs = [g["lr"] for g in opt.param_groups]
     assert lrs == pytest.approx([5e-4, 5e-5, 5e-4]) and all(g["weight_decay"] == 1e-4 for g in opt.param_groups)
@@ -182,17 +182,16 @@ def test_optimiser_groups_and_weight_decay_per_branch(tiny_bert: Path) -> None:
         _set_lr(opt, base, epoch, 15)
         want = [b * (0.1 if epoch >= 15 else 1.0) for b in base]
         assert [g["lr"] for g in opt.param_groups] == pytest.approx(want)
-    opt = bigru_model().make_optimizer(5e-4)
+    opt = training_recipe(bigru_model()).optimizer(5e-4)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.01
 
 
 def test_hardest_negatives_after_the_warmup() -> None:
-    model = bigru_model(vse_mean_warmup_epochs=1)
-    model.set_loss(margin=0.2, max_violation=False)
-    model.on_epoch_start(0)
-    assert not model.max_violation
-    model.on_epoch_start(1)
-    assert model.max_violation
+    recipe = training_recipe(bigru_model(vse_mean_warmup_epochs=1), max_violation=False)
+    recipe.on_epoch_start(0)
+    assert not recipe.max_violation
+    recipe.on_epoch_start(1)
+    assert recipe.max_violation
 
 
 @pytest.mark.parametrize("name", ["vse_infinity_f30k_bigru", "vse_infinity_coco_bigru", "vse_infinity_f30k_bert",

@@ -14,7 +14,7 @@ from itmatch.models.vsrn import VsrnConfig, caption_targets
 from itmatch.modules.captioner import RegionCaptioner
 from itmatch.modules.graph import ResidualGraphConv
 from itmatch.registry import create_model
-from tests.conftest import crash_and_resume
+from tests.conftest import crash_and_resume, training_recipe
 
 IMAGE_DIM, DIM, REGIONS = 8, 12, 6  # tiny_data has 6 regions of 8-d features
 
@@ -128,12 +128,13 @@ def tiny_vsrn(**changes) -> torch.nn.Module:
 
 def test_caption_loss_equals_the_full_length_decoding() -> None:
     model = tiny_vsrn()
+    recipe = training_recipe(model)
     images, captions, lengths = sample_inputs(20)
-    terms = model.training_loss(images, captions, lengths, epoch=0)
+    terms = recipe.loss(images, captions, lengths, epoch=0)
     with torch.no_grad():
         _, regions = model.img_enc(images)
         labels, mask = caption_targets(captions, lengths, 8)
-        logprobs = model.caption(regions, labels[:, :7])  # upstream: max_len - 1 steps, always
+        logprobs = recipe.caption(regions, labels[:, :7])  # upstream: max_len - 1 steps, always
         by_hand = sum(-logprobs[i, t, labels[i, t + 1]] * mask[i, t + 1] for i in range(5) for t in range(7)) / 5
     torch.testing.assert_close(terms["caption"].detach(), by_hand)
     torch.testing.assert_close(terms["loss"], terms["matching"] + terms["caption"])
@@ -141,7 +142,9 @@ def test_caption_loss_equals_the_full_length_decoding() -> None:
 
 def test_caption_branch_is_one_option_that_changes_only_training() -> None:
     with_branch, without = tiny_vsrn(), tiny_vsrn(caption_loss_weight=0.0)
-    assert sum(p.numel() for p in with_branch.parameters()) > sum(p.numel() for p in without.parameters())
+    recipe_a, recipe_b = training_recipe(with_branch), training_recipe(without)
+    assert sum(p.numel() for p in recipe_a.parameters()) > sum(p.numel() for p in recipe_b.parameters())
+    assert set(recipe_a.modules()) == {"caption"} and not recipe_b.modules()
     a, b = with_branch.state_dict(), without.state_dict()
     assert list(a) == list(b) and not any("caption" in k for k in a)  # checkpoints never hold the branch
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same seed draws the same encoders
@@ -151,8 +154,8 @@ def test_caption_branch_is_one_option_that_changes_only_training() -> None:
                 for m in (with_branch, without)]
     assert torch.equal(sims[0], sims[1])
     with_branch.train(), without.train()
-    la = with_branch.training_loss(images, captions, lengths, epoch=0)
-    lb = without.training_loss(images, captions, lengths, epoch=0)
+    la = recipe_a.loss(images, captions, lengths, epoch=0)
+    lb = recipe_b.loss(images, captions, lengths, epoch=0)
     assert set(lb) == {"loss"} and la["caption"] > 0
     torch.testing.assert_close(la["matching"], lb["loss"])
     without.load_state_dict(with_branch.state_dict())  # strict: the branch is neither saved nor expected
@@ -161,7 +164,7 @@ def test_caption_branch_is_one_option_that_changes_only_training() -> None:
 def test_selection_uses_r1_and_r5_only() -> None:
     results = {"i2t": {"R@1": 10.0, "R@5": 20.0, "R@10": 30.0}, "t2i": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0},
                "rsum": 66.0}
-    assert tiny_vsrn().selection_score(results) == 33.0
+    assert training_recipe(tiny_vsrn()).selection_score(results) == 33.0
 
 
 def test_presets_mirror_the_original_commands() -> None:
@@ -182,12 +185,11 @@ def test_presets_mirror_the_original_commands() -> None:
     (2, False, [False, False, True]),  # VSE0 for two epochs, then hardest negatives
 ])
 def test_hard_negative_warmup_switches_after_its_epochs(warmup: int, configured: bool, expected: list) -> None:
-    model = tiny_vsrn(vse_mean_warmup_epochs=warmup)
-    model.set_loss(margin=0.2, max_violation=configured)
+    recipe = training_recipe(tiny_vsrn(vse_mean_warmup_epochs=warmup), max_violation=configured)
     seen = []
     for epoch in range(3):
-        model.on_epoch_start(epoch)
-        seen.append(model.max_violation)
+        recipe.on_epoch_start(epoch)
+        seen.append(recipe.max_violation)
     assert seen == expected
 
 

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from itmatch.checkpoints import vsrn as vsrn_ckpt
 from itmatch.checkpoints.loader import load_model, load_state_strict
 from itmatch.cli import main
 from itmatch.config import load_preset
 from itmatch.data.vocab import load_vocab
 from itmatch.errors import CheckpointError
+from itmatch.models import vsrn as vsrn_ckpt
 from itmatch.registry import create_model
 from tests.test_vsrn import DIM, IMAGE_DIM, randomise_batch_norms, sample_inputs
 

@@ -157,6 +157,7 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
     from itmatch.data.precomp import resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
     from itmatch.inference import compute_sims
+    from itmatch.registry import list_models, method_spec
     from itmatch.train import open_split
 
     if cxc and len(ckpts) != 1:
@@ -164,22 +165,23 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
     sims_sum, names, root, cxc_results = None, [], None, None
     for path in ckpts:
         loaded = load_model(path, device=device, vocab=vocab, bert_path=bert_path,
-                            data_root=resolve_root(data, split) if data else None)
+                            data_root=resolve_root(data, split) if data else None, memory_budget_mb=budget_mb)
+        spec = method_spec(loaded.config.model.name)
         if not (data or loaded.config.data.path):
             raise ItmatchError(f"{path} does not record its dataset; pass --data DIR")
         root = resolve_root(data or loaded.config.data.path, split)
         split_data = open_split(loaded.config, root, split)
-        if box_compat and "boxes" not in getattr(loaded.model, "extra_inputs", ()):
-            raise ItmatchError(f"{path}: --box-compat applies to GSMN models only ({loaded.config.model.name})")
-        if budget_mb is not None and hasattr(loaded.model, "budget_mb"):
-            loaded.model.budget_mb = budget_mb
+        if box_compat and "box_compat" not in spec.eval_options:
+            takers = ", ".join(sorted(n for n in list_models() if "box_compat" in method_spec(n).eval_options))
+            raise ItmatchError(f"{path}: --box-compat applies to {takers} models only ({loaded.config.model.name})")
         if cxc:
             sims, cxc_results = _cxc(loaded.model, split_data, loaded.vocab, cxc, batch_size=batch_size,
                                      device=device, progress=progress)
         else:
             sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
                                 progress=progress, dtype=getattr(torch, dtype) if dtype else None,
-                                box_compat=box_compat, compat_batch_size=compat_batch_size, fold5=fold5)
+                                options={"box_compat": box_compat, "box_compat_batch": compat_batch_size,
+                                         "fold5": fold5} if box_compat else {"fold5": fold5})
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -318,16 +320,17 @@ def _cmd_encode_images(args: argparse.Namespace) -> int:
     from itmatch.checkpoints.loader import load_model
     from itmatch.data.images import image_size
     from itmatch.encode import encode_folder
+    from itmatch.registry import method_spec
 
     loaded = load_model(args.ckpt, device=args.device, vocab=args.vocab or "", bert_path=args.bert_path or "")
-    backbone = getattr(loaded.config.model, "backbone", "")
-    if not backbone or not loaded.model.is_embedding_model():
+    normalisation = method_spec(loaded.config.model.name).pixels(loaded.config.model)
+    if normalisation is None or not loaded.model.is_embedding_model():
         raise ItmatchError(f"{args.ckpt}: encode-images needs a raw-image embedding model (VSE-infinity grid or "
                            f"VSE++ with a CNN, model.backbone set); this is {loaded.config.model.name} on features")
     scale = args.input_scale_factor or loaded.config.data.input_scale_factor
     ckpt = Path(args.ckpt).resolve()
     summary = encode_folder(loaded.model, args.dir, args.out, size=image_size(scale),
-                            normalisation="detector" if backbone.startswith("butd") else "imagenet",
+                            normalisation=normalisation,
                             model_id=f"{ckpt}:{ckpt.stat().st_size}", batch_size=args.batch_size,
                             chunk=args.chunk, workers=args.workers, skip_bad=args.skip_bad, device=args.device,
                             progress=_progress(args))

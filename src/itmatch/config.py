@@ -124,7 +124,7 @@ def strict(cls: type, table: dict[str, Any], where: str) -> Any:
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     """Resolve a nested dict (as in a preset or a checkpoint) into a `Config`."""
-    from itmatch.registry import model_entry
+    from itmatch.registry import method_spec
 
     unknown = sorted(set(raw) - {"model", "data", "train"})
     if unknown:
@@ -133,8 +133,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     name = model_table.get("name")
     if not name:
         raise ConfigError(f"{where}: [model] needs a 'name' (one of the registered methods)")
-    entry = model_entry(name)
-    model = strict(entry.config_cls, model_table, f"{where} [model]")
+    model = strict(method_spec(name).config, model_table, f"{where} [model]")
     data = strict(DataConfig, dict(raw.get("data", {})), f"{where} [data]")
     train = strict(TrainConfig, dict(raw.get("train", {})), f"{where} [train]")
     return Config(model=model, data=data, train=train)
@@ -157,8 +156,17 @@ def _preset_dir() -> Any:
     return resources.files("itmatch") / "presets"
 
 
+def _method_presets() -> dict[str, Any]:
+    """Presets declared by registered methods (plugins), by name."""
+    from itmatch.registry import METHODS, list_models
+
+    list_models()  # built-ins and entry-point plugins registered
+    return {name: preset for spec in METHODS.values() for name, preset in spec.presets.items()}
+
+
 def list_presets() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in _preset_dir().iterdir() if p.name.endswith(".toml"))
+    packaged = {p.name.removesuffix(".toml") for p in _preset_dir().iterdir() if p.name.endswith(".toml")}
+    return sorted(packaged | set(_method_presets()))
 
 
 def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
@@ -167,6 +175,9 @@ def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
         text, where = path.read_text(encoding="utf-8"), str(path)
     else:
         entry = _preset_dir() / f"{name_or_path}.toml"
+        declared = _method_presets().get(name_or_path)
+        if not entry.is_file() and declared is not None:
+            return {k: dict(v) for k, v in declared.items()}, f"preset {name_or_path}"
         if not entry.is_file():
             raise ConfigError(
                 f"unknown preset {name_or_path!r}; run `itmatch presets` to list them, or pass a .toml file"

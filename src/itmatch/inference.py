@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +12,9 @@ from tqdm.auto import tqdm
 
 from itmatch.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit, pad_captions
 from itmatch.data.tokenizers import CaptionTokenizer
+from itmatch.method import SplitInputs
 from itmatch.models.base import Encoded, RetrievalModel
+from itmatch.registry import method_spec
 
 
 def _cat(parts: list[Encoded]) -> Encoded:
@@ -34,16 +37,17 @@ def image_rows(split: PrecompSplit) -> list[int]:
 @torch.inference_mode()
 def encode_images(model: RetrievalModel, split: PrecompSplit, *, batch_size: int = 128,
                   device: torch.device | str = "cpu", progress: bool = False,
-                  boxes: np.ndarray | None = None) -> Encoded:
+                  inputs: Mapping[str, Any] | None = None) -> Encoded:
     """Encode each distinct image once (the originals encode it five times, once per caption).
 
-    `boxes` (n_images, R, 4), one row per distinct image, goes to models that take them (GSMN).
+    `inputs` are the model's extra per-image inputs (e.g. GSMN's boxes (n_images, R, 4)), one row per distinct image.
     """
     rows = image_rows(split)
     parts = []
     for start in tqdm(range(0, len(rows), batch_size), desc="images", disable=not progress, leave=False):
         feats = torch.from_numpy(split.images[np.asarray(rows[start : start + batch_size])]).float()
-        extra = {} if boxes is None else {"boxes": torch.from_numpy(boxes[start : start + batch_size]).to(device)}
+        extra = {k: torch.from_numpy(np.asarray(v[start : start + batch_size])).to(device)
+                 for k, v in (inputs or {}).items()}
         parts.append(model.encode_image(feats.to(device), **extra).to("cpu"))
     split.images.release()
     return _cat(parts)
@@ -52,12 +56,13 @@ def encode_images(model: RetrievalModel, split: PrecompSplit, *, batch_size: int
 @torch.inference_mode()
 def encode_captions(model: RetrievalModel, tokens: Sequence[list[int]], *, batch_size: int = 128,
                     device: torch.device | str = "cpu", progress: bool = False,
-                    depends: Sequence | None = None) -> Encoded:
-    """Encode captions in batches; `depends` (per caption) goes to models that take dependency pairs (GSMN)."""
+                    inputs: Mapping[str, Sequence] | None = None) -> Encoded:
+    """Encode captions in batches; `inputs` are the model's extra per-caption inputs (e.g. GSMN's dependency
+    pairs), one entry per caption."""
     parts = []
     for start in tqdm(range(0, len(tokens), batch_size), desc="captions", disable=not progress, leave=False):
         captions, lengths = pad_captions(list(tokens[start : start + batch_size]))
-        extra = {} if depends is None else {"depends": depends[start : start + batch_size]}
+        extra = {k: v[start : start + batch_size] for k, v in (inputs or {}).items()}
         parts.append(model.encode_text(captions.to(device), lengths, **extra).to("cpu"))
     return _cat(parts)
 
@@ -67,11 +72,11 @@ def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *,
                       dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> np.ndarray:
     """(n_images, n_captions) float64 scores, computed `chunk` images at a time in `dtype`.
 
-    dtype defaults to the model's `eval_dtype`, the precision its original scored in (float64 for most: they
+    dtype defaults to the method's `eval_dtype`, the precision its original scored in (float64 for most: they
     copy embeddings into float64 numpy arrays before scoring). Packed per-word features stay in their storage
     dtype; the model casts each tile.
     """
-    dtype = dtype or model.eval_dtype
+    dtype = dtype or method_spec(model.cfg.name).eval_dtype
     texts = texts.to(device, None if texts.offsets is not None else dtype)
     out = np.empty((len(images), len(texts)), dtype=np.float64)
     for start in range(0, len(images), chunk):
@@ -81,39 +86,37 @@ def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *,
 
 
 def encode_split(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
-                 device: torch.device | str = "cpu", progress: bool = False, box_compat: bool = False,
-                 compat_batch_size: int = 64, fold5: bool = False) -> tuple[Encoded, Encoded]:
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 options: Mapping[str, Any] | None = None) -> tuple[Encoded, Encoded]:
     """Encode every distinct image and every caption of a split in eval mode (CxC needs the embeddings).
 
-    Models that take boxes (GSMN) also get the split's boxes, normalised correctly or, with `box_compat`,
-    as the original evaluation computed them (its loader batch `compat_batch_size`, its `fold5` row indexing).
+    A method that reads more than features and word ids (its spec's `inputs`, e.g. GSMN's boxes) gets them from
+    the split; `options` are evaluation options its spec accepts (GSMN: `box_compat`, `box_compat_batch`) and
+    `fold5`.
     """
     was_training = model.training
     model.eval()
-    extra: dict = {}
-    if "boxes" in getattr(model, "extra_inputs", ()):
-        from itmatch.data.gsmn_files import model_inputs
-
-        extra = model_inputs(split, model.cfg, rows=image_rows(split), box_compat=box_compat,
-                             compat_batch_size=compat_batch_size, fold5=fold5)
+    provider = method_spec(model.cfg.name).inputs(model.cfg)
+    found = SplitInputs()
+    if provider is not None:
+        found = provider.for_split(split, rows=image_rows(split), options=options)
     images = encode_images(model, split, batch_size=batch_size, device=device, progress=progress,
-                           boxes=extra.get("boxes"))
-    tokens = extra.get("tokens") or [vocab.encode(c) for c in split.captions]
+                           inputs=found.images)
+    tokens = found.token_ids or [vocab.encode(c) for c in split.captions]
     texts = encode_captions(model, tokens, batch_size=batch_size, device=device, progress=progress,
-                            depends=extra.get("depends"))
+                            inputs=found.captions)
     model.train(was_training)
     return images, texts
 
 
 def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
                  device: torch.device | str = "cpu", progress: bool = False,
-                 dtype: torch.dtype | None = None, box_compat: bool = False, compat_batch_size: int = 64,
-                 fold5: bool = False) -> np.ndarray:
+                 dtype: torch.dtype | None = None, options: Mapping[str, Any] | None = None) -> np.ndarray:
     """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix."""
     was_training = model.training
     model.eval()
     images, texts = encode_split(model, split, vocab, batch_size=batch_size, device=device, progress=progress,
-                                 box_compat=box_compat, compat_batch_size=compat_batch_size, fold5=fold5)
+                                 options=options)
     sims = similarity_matrix(model, images, texts, device=device, dtype=dtype)
     model.train(was_training)
     return sims

@@ -31,27 +31,17 @@ import torch
 
 from itmatch.checkpoints.loader import LoadedModel, load_model
 from itmatch.config import config_to_dict
-from itmatch.data.gsmn_files import (
-    load_parser,
-    parse_dependencies,
-    read_dependencies,
-    read_precaps,
-    reads_dependencies,
-    reads_precaps,
-    split_boxes,
-)
 from itmatch.data.precomp import PrecompSplit, read_captions, resolve_root
-from itmatch.data.tokenize import tokenize
 from itmatch.errors import DataError, GalleryIndexError
 from itmatch.index import GalleryIndex, IndexSpec, file_sha256, read_meta
 from itmatch.inference import encode_captions, encode_images, image_rows
+from itmatch.method import Inputs, SplitInputs
 from itmatch.models.base import Encoded
+from itmatch.registry import method_spec
 
 _logger = logging.getLogger(__name__)
 
 Gallery = Literal["images", "captions"]
-# Config keys that move a model or tune speed without changing its scores.
-_NEUTRAL_KEYS = frozenset({"bert_path", "xattn_budget_mb"})
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -159,8 +149,9 @@ def check_model(meta: dict[str, Any], loaded: LoadedModel, where: str) -> None:
     if now["name"] != built["name"]:
         raise GalleryIndexError(f"{where} was built with a {built['name']} model but {loaded.path} is a "
                                 f"{now['name']} model; query it with {built.get('checkpoint')} or rebuild the index")
+    neutral = method_spec(now["name"]).neutral_keys  # keys that move the model or tune speed, never a score
     changed = sorted(k for k in set(now["config"]) | set(built["config"])
-                     if k not in _NEUTRAL_KEYS and now["config"].get(k) != built["config"].get(k))
+                     if k not in neutral and now["config"].get(k) != built["config"].get(k))
     if changed:
         key = changed[0]
         raise GalleryIndexError(f"{where} was built with model.{key}={built['config'].get(key)!r} but {loaded.path} "
@@ -172,25 +163,18 @@ def check_model(meta: dict[str, Any], loaded: LoadedModel, where: str) -> None:
         )
 
 
-def encoder_inputs(loaded: LoadedModel) -> frozenset[str]:
-    """What a model's encoders read besides features and word ids, named as its `extra_inputs`: "boxes" (per image)
-    and "depends" (per caption, for configs with `sparse`, as `gsmn_files.model_inputs` reads them). Names that only
-    training reads (HREM's "image_ids") are not included."""
-    declared = set(getattr(loaded.model, "extra_inputs", ()))
-    needed = declared & {"boxes"}
-    if "depends" in declared and reads_dependencies(loaded.config.model):
-        needed.add("depends")
-    return frozenset(needed)
+def model_inputs(loaded: LoadedModel) -> Inputs | None:
+    """What a model's encoders read besides features and word ids (its method's `inputs`), or None."""
+    return method_spec(loaded.config.model.name).inputs(loaded.config.model)
 
 
 class Searcher:
     """An opened index with the model that built it (and optionally a re-ranker); answers text and image queries.
 
-    A re-ranker whose encoders read more than features and word ids (`encoder_inputs`: GSMN's boxes and, sparse,
-    dependency pairs) gets them as evaluation does: the boxes of candidate and query images from the dataset
-    (`split_boxes`, each box divided by its image's size), the dependency pairs of candidate captions from the
-    dataset's `{split}_caps.json` (a parse of their text when it has none) and those of a text query from spaCy's
-    parse of its tokens.
+    A re-ranker whose encoders read more than features and word ids (its method's `inputs`, e.g. GSMN's boxes and,
+    sparse, dependency pairs) gets them as evaluation does: per-image inputs of candidate and query images from the
+    dataset (`Inputs.for_split`), per-caption inputs of candidate captions from the dataset when it holds them
+    (`Inputs.for_captions`) and otherwise, as for a text query, from their text (`Inputs.for_texts`).
     """
 
     def __init__(self, index: GalleryIndex, model: LoadedModel, *, reranker: LoadedModel | None = None,
@@ -203,10 +187,10 @@ class Searcher:
         self.data_root = Path(data) if data is not None else Path(built["root"]) if built.get("root") else None
         self.split = built.get("split", "test")
         self._gallery_features: PrecompSplit | None = None
-        self._needs = frozenset() if reranker is None else encoder_inputs(reranker)
-        self._boxes: dict[tuple[str, str], np.ndarray] = {}  # normalised boxes per (dataset directory, split)
-        self._caption_inputs: dict[str, list] = {}  # per caption row: "depends", "tokens" read from the dataset
-        self._parser: Any = None  # spaCy, loaded once (about 0.3 s; a caption's parse takes 2 ms)
+        self._inputs = None if reranker is None else model_inputs(reranker)
+        self._image_inputs: dict[tuple[str, str], dict[str, Any]] = {}  # per (dataset directory, split), by row
+        self._caption_inputs = SplitInputs()  # per gallery caption, what the dataset holds
+        self._parser: Any = None  # e.g. spaCy for GSMN, loaded once (about 0.3 s; a caption's parse takes 2 ms)
         self._parser_lock = threading.Lock()
         if reranker is not None:
             if candidates <= 0:
@@ -214,12 +198,13 @@ class Searcher:
             if self.modality == "images":  # stage two encodes the candidate images from the dataset
                 self._gallery_features = self._dataset()
                 self._check_image_dim(reranker, self._gallery_features.feature_dim)
-                if "boxes" in self._needs:  # read now: missing box files are refused on opening, not per query
-                    self._split_boxes(self._gallery_features)
+                if self._inputs is not None and self._inputs.image:  # read now: missing files are refused on opening
+                    self._split_image_inputs(self._gallery_features)
             else:
                 self._caption_inputs = self._dataset_caption_inputs(reranker)
-            if "depends" in self._needs and "depends" not in self._caption_inputs:  # queries or captions are parsed
-                self._load_parser()  # now: a missing parser is refused on opening, and the first query is not slower
+            missing = self._inputs is not None and set(self._inputs.caption) - set(self._caption_inputs.captions)
+            if missing:  # queries or captions are parsed: a missing parser is refused now, and no query is slower
+                self._load_parser()
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, ckpt: str | os.PathLike | None = None,
@@ -248,7 +233,8 @@ class Searcher:
         """Text -> image: the k best gallery images for each query (an image index is needed)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         self.require_gallery("images")
-        if self.reranker is not None and reads_precaps(self.reranker.config.model):
+        if self._inputs is not None and self._inputs.pretokenized:
+            assert self.reranker is not None
             raise GalleryIndexError(
                 f"{self.reranker.path}: this {self.reranker.config.model.name} model reads caption word ids from "
                 f"{self.split}_precaps_stan.txt (model.text_ids = 'precaps_stan'), so it cannot encode a free-text "
@@ -268,10 +254,11 @@ class Searcher:
         feats = np.asarray(features, dtype=np.float32)
         single = len(self.index.meta.get("data", {}).get("image_shape", [feats.shape[-1]]))  # ndim of one image
         batch = feats[None] if feats.ndim == single else feats
-        query_boxes = self._query_boxes(boxes, batch)
+        query_inputs = self._query_inputs(batch, {} if boxes is None else {"boxes": boxes})
         queries = self._encode_features(self.model, batch)
         _require_pooled(queries, self.model, self.model.path)
-        return self._search(queries.emb.float().numpy(), k, list(zip(batch, query_boxes, strict=True)))
+        per_query = [{name: values[i] for name, values in query_inputs.items()} for i in range(len(batch))]
+        return self._search(queries.emb.float().numpy(), k, list(zip(batch, per_query, strict=True)))
 
     def require_gallery(self, gallery: Gallery) -> None:
         """Refuse a query of the wrong side: text queries search images, image queries search captions."""
@@ -290,10 +277,10 @@ class Searcher:
                      split: str | None = None) -> dict[str, np.ndarray]:
         """What the re-ranker reads about a dataset image besides its features, to pass on as
         `search_image(features, **inputs)`: {"boxes": (R, 4)} for GSMN (normalised as in evaluation), else {}."""
-        if "boxes" not in self._needs:
+        if self._inputs is None or not self._inputs.image:
             return {}
         split_data, row = self._dataset_image(image_id, data, split)
-        return {"boxes": self._split_boxes(split_data)[row]}
+        return {name: values[row] for name, values in self._split_image_inputs(split_data).items()}
 
     # ------------------------------------------------------------------------------------------------ internals
     def _search(self, vectors: np.ndarray, k: int, raw_queries: list[Any]) -> list[list[Hit]]:
@@ -326,78 +313,68 @@ class Searcher:
         if self.modality == "images":
             assert self._gallery_features is not None
             feature_rows = np.asarray([self.index.meta["feature_rows"][r] for r in rows])
-            boxes = self._split_boxes(self._gallery_features)[feature_rows] if "boxes" in self._needs else None
-            images = self._encode_features(model, self._gallery_features.images[feature_rows], boxes)
-            depends = self._parse([query]) if "depends" in self._needs else None
-            texts = self._encode_texts(model, [query], depends=depends)
+            reads = self._inputs is not None and bool(self._inputs.image)
+            known = self._split_image_inputs(self._gallery_features) if reads else {}
+            inputs = {name: values[feature_rows] for name, values in known.items()}
+            images = self._encode_features(model, self._gallery_features.images[feature_rows], inputs)
+            texts = self._encode_texts(model, [query], inputs=self._text_inputs([query]))
             sims = model.model.similarity(images, texts)[:, 0]  # (k,)
         else:
-            feats, boxes = query
+            feats, inputs = query
             self._check_image_dim(model, np.shape(feats)[-1])
             images = self._encode_features(model, np.asarray(feats, dtype=np.float32)[None],
-                                           None if boxes is None else boxes[None])
+                                           {name: np.asarray(v)[None] for name, v in inputs.items()})
             texts = self._encode_gallery_captions(model, rows)
             sims = model.model.similarity(images, texts)[0]  # (k,)
         return sims.double().cpu().tolist()
 
-    def _encode_texts(self, model: LoadedModel, texts: list[str], *, depends: list | None = None) -> Encoded:
+    def _encode_texts(self, model: LoadedModel, texts: list[str], *, inputs: dict[str, list] | None = None) -> Encoded:
         return encode_captions(model.model, [model.vocab.encode(t) for t in texts], device=self.device,
-                               depends=depends)
+                               inputs=inputs)
 
     def _encode_gallery_captions(self, model: LoadedModel, rows: list[int]) -> Encoded:
-        """The re-ranker's encoding of gallery captions: word ids and dependency pairs from the dataset when it has
-        them (`_dataset_caption_inputs`), else the vocabulary's ids and a parse of the index's caption texts."""
+        """The re-ranker's encoding of gallery captions: word ids and per-caption inputs from the dataset when it
+        has them (`_dataset_caption_inputs`), else the vocabulary's ids and inputs derived from the index's texts."""
         texts, known = self.index.meta["texts"], self._caption_inputs
-        tokens = ([known["tokens"][r] for r in rows] if "tokens" in known
+        tokens = ([known.token_ids[r] for r in rows] if known.token_ids is not None
                   else [model.vocab.encode(texts[r]) for r in rows])
-        depends = None
-        if "depends" in self._needs:
-            depends = ([known["depends"][r] for r in rows] if "depends" in known
-                       else self._parse([texts[r] for r in rows]))
-        return encode_captions(model.model, tokens, device=self.device, depends=depends)
+        inputs = {name: [values[r] for r in rows] for name, values in known.captions.items()}
+        if self._inputs is not None and set(self._inputs.caption) - set(inputs):
+            inputs = self._text_inputs([texts[r] for r in rows]) | inputs
+        return encode_captions(model.model, tokens, device=self.device, inputs=inputs)
 
     @torch.inference_mode()
-    def _encode_features(self, model: LoadedModel, feats: np.ndarray, boxes: np.ndarray | None = None) -> Encoded:
+    def _encode_features(self, model: LoadedModel, feats: np.ndarray,
+                         inputs: dict[str, Any] | None = None) -> Encoded:
         self._check_image_dim(model, feats.shape[-1])
         images = torch.from_numpy(np.ascontiguousarray(feats)).float().to(self.device)
-        if boxes is None:
-            return model.model.encode_image(images).to("cpu")
-        boxes_t = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)).to(self.device)
-        return model.model.encode_image(images, boxes=boxes_t).to("cpu")
+        extra = {name: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(self.device)
+                 for name, v in (inputs or {}).items()}
+        return model.model.encode_image(images, **extra).to("cpu")
 
-    def _parse(self, texts: list[str]) -> list[list[list[int]]]:
-        """Dependency pairs of texts, on the tokens `Vocabulary.encode` frames with <start> and <end>, so that pair
-        positions are positions in the word ids; a text without words has none."""
-        tokens = [tokenize(t) for t in texts]
-        words = [t for t in tokens if t]
-        with self._parser_lock:  # one spaCy pipeline, shared by the service's threads
-            parsed = iter(parse_dependencies(words, parser=self._load_parser()) if words else [])
-        return [next(parsed) if t else [] for t in tokens]
+    def _text_inputs(self, texts: list[str]) -> dict[str, list]:
+        """The re-ranker's per-caption inputs derived from free texts (e.g. GSMN sparse: a dependency parse)."""
+        if self._inputs is None or not self._inputs.caption:
+            return {}
+        with self._parser_lock:  # one parser, shared by the service's threads
+            return self._inputs.for_texts(texts, parser=self._load_parser())
 
     def _load_parser(self) -> Any:
-        if self._parser is None:
-            self._parser = load_parser()
+        if self._parser is None and self._inputs is not None:
+            try:
+                self._parser = self._inputs.load_parser()
+            except DataError as err:
+                raise GalleryIndexError(str(err)) from None
         return self._parser
 
-    def _query_boxes(self, boxes: np.ndarray | None, batch: np.ndarray) -> list[np.ndarray | None]:
-        """Per query image, the (R, 4) boxes the re-ranker reads (None for each when it reads none)."""
-        if "boxes" not in self._needs:
-            return [None] * len(batch)
-        assert self.reranker is not None
-        if boxes is None:
-            raise GalleryIndexError(
-                f"{self.reranker.config.model.name} re-ranking needs the boxes of the query image's regions: query a "
-                "dataset image by its id (`itmatch search INDEX --image ID`, or `Searcher.image_inputs`), or give "
-                "(regions, 4) boxes x1, y1, x2, y2 divided by the image's width and height with the features "
-                "(`--image-boxes FILE`, `search_image(features, boxes=...)`)")
-        arr = np.asarray(boxes, dtype=np.float32)
-        arr = arr[None] if arr.ndim == 2 else arr
-        if batch.ndim == 3 and arr.shape != (*batch.shape[:2], 4):
-            raise GalleryIndexError(f"boxes of shape {np.shape(boxes)} for query features of shape {batch.shape}; "
-                                    f"expected ({batch.shape[1]}, 4) per image")
-        if not np.isfinite(arr).all():
-            raise GalleryIndexError("boxes contain NaN or infinity")
-        return list(arr)
+    def _query_inputs(self, batch: np.ndarray, given: dict[str, Any]) -> dict[str, list]:
+        """Per query image, the inputs the re-ranker reads besides its features (e.g. GSMN's boxes)."""
+        if self._inputs is None or not self._inputs.image:
+            return {}
+        try:
+            return self._inputs.for_image_query(batch, given)
+        except DataError as err:
+            raise GalleryIndexError(str(err)) from None
 
     def _dataset_image(self, image_id: Any, data: str | os.PathLike | None,
                        split: str | None) -> tuple[PrecompSplit, int]:
@@ -410,56 +387,42 @@ class Searcher:
                                     if split_data.ids else f"no image row {image_id} in {split_data.images.path}")
         return split_data, matches[0]
 
-    def _split_boxes(self, split_data: PrecompSplit) -> np.ndarray:
-        """(feature rows, R, 4) boxes of a split, each divided by its image's size (`model_inputs`' default
-        geometry, which evaluation feeds the model), read once per split."""
+    def _split_image_inputs(self, split_data: PrecompSplit) -> dict[str, Any]:
+        """The re-ranker's per-image inputs of a split (one row per feature row, e.g. GSMN's boxes, in evaluation's
+        default geometry), read once per split."""
         key = (str(split_data.root.resolve()), split_data.split)
-        if key not in self._boxes:
-            name = self.reranker.config.model.name if self.reranker is not None else "the re-ranker"
+        if key not in self._image_inputs:
+            assert self._inputs is not None and self.reranker is not None
+            name = self.reranker.config.model.name
             try:
-                boxes = split_boxes(split_data.root, split_data.split, len(split_data.images))
+                found = self._inputs.for_split(split_data, captions=False).images
             except DataError as err:
-                raise GalleryIndexError(f"{name} re-ranking reads the boxes of every region: {err}") from None
-            if split_data.images.ndim != 3 or boxes.shape[1] != split_data.images.shape[1]:
-                raise GalleryIndexError(f"{split_data.root}/{split_data.split}_ims_bbx.npy has {boxes.shape[1]} "
-                                        f"boxes per image for features of shape {split_data.images.shape}")
-            self._boxes[key] = boxes
-        return self._boxes[key]
+                raise GalleryIndexError(f"{name} re-ranking reads per-image inputs: {err}") from None
+            for input_name, values in found.items():
+                if len(values) < len(split_data.images) or (
+                        split_data.images.ndim == 3 and np.ndim(values) >= 2
+                        and np.shape(values)[1] != split_data.images.shape[1]):
+                    raise GalleryIndexError(f"{split_data.root}/{split_data.split}: {input_name} of shape "
+                                            f"{np.shape(values)} for features of shape {split_data.images.shape}")
+            self._image_inputs[key] = found
+        return self._image_inputs[key]
 
-    def _dataset_caption_inputs(self, reranker: LoadedModel) -> dict[str, list]:
-        """What the re-ranker reads per gallery caption from the dataset, as evaluation does: dependency pairs
-        (sparse: `{split}_caps.json`) and word ids (text_ids = 'precaps_stan': `{split}_precaps_stan.txt`).
-
-        Without caps.json (or without the dataset) the candidates' texts are parsed per query instead; the
-        precaps ids have no such substitute, and neither do their pairs (a parse of our tokens would not fit them).
-        """
-        wants_depends, pretokenized = "depends" in self._needs, reads_precaps(reranker.config.model)
-        if not (wants_depends or pretokenized):
-            return {}
-        n = len(self.index.meta["texts"])
-        root = self._caption_root()
-        out: dict[str, list] = {}
-        name = reranker.config.model.name
+    def _dataset_caption_inputs(self, reranker: LoadedModel) -> SplitInputs:
+        """What the re-ranker reads per gallery caption from the dataset, as evaluation does (`Inputs.for_captions`:
+        GSMN's dependency pairs and precaps word ids), when the dataset still holds the indexed captions; what it
+        does not hold is derived from the captions' text per query."""
+        if self._inputs is None or not (self._inputs.caption or self._inputs.pretokenized):
+            return SplitInputs()
+        texts = self.index.meta["texts"]
         try:
-            if wants_depends and root is not None and (root / f"{self.split}_caps.json").is_file():
-                out["depends"] = read_dependencies(root / f"{self.split}_caps.json", n)
-            if pretokenized:
-                if root is None:
-                    raise GalleryIndexError(
-                        f"{reranker.path}: this {name} model reads caption word ids from {self.split}_precaps_stan.txt "
-                        f"(model.text_ids = 'precaps_stan'); pass --data DIR, the dataset {self.where} was built from")
-                out["tokens"] = read_precaps(root / f"{self.split}_precaps_stan.txt", n)
-                if wants_depends and "depends" not in out:
-                    raise GalleryIndexError(
-                        f"{reranker.path}: this sparse {name} model reads precaps_stan word ids, whose dependency "
-                        f"pairs are {root / f'{self.split}_caps.json'}, which is missing (a parse of the caption "
-                        "text would not fit those ids)")
+            found = self._inputs.for_captions(self._caption_root(), self.split, texts)
         except DataError as err:
-            raise GalleryIndexError(f"{name} re-ranking of {self.where}: {err}") from None
-        if wants_depends and "depends" not in out:
-            _logger.info("%s: no %s_caps.json with its captions; parsing the candidate captions", self.where,
-                         self.split)
-        return out
+            raise GalleryIndexError(f"{reranker.path}: {reranker.config.model.name} re-ranking of {self.where}: "
+                                    f"{err}") from None
+        if set(self._inputs.caption) - set(found.captions):
+            _logger.info("%s: the dataset holds no %s for its captions; deriving them from the text", self.where,
+                         ", ".join(sorted(set(self._inputs.caption) - set(found.captions))))
+        return found
 
     def _caption_root(self) -> Path | None:
         """The dataset directory of the index's split when its `{split}_caps.txt` still holds the indexed captions
@@ -480,7 +443,7 @@ class Searcher:
 
     @staticmethod
     def _check_image_dim(model: LoadedModel, dim: int) -> None:
-        expected = getattr(model.config.model, "image_dim", None)
+        expected = method_spec(model.config.model.name).feature_dim(model.config.model)
         if expected and expected != dim:
             raise GalleryIndexError(f"{model.path}: {model.config.model.name} reads {expected}-d image features but "
                                     f"the query/gallery features are {dim}-d")

@@ -42,6 +42,7 @@ import torch
 from itmatch.data.precomp import PrecompSplit, resolve_root
 from itmatch.data.tokenize import tokenize
 from itmatch.errors import ItmatchError
+from itmatch.registry import method_spec
 from itmatch.search import Hit, Searcher
 
 try:  # optional (`itmatch[serve]`); imported here because the endpoints' annotations name these types
@@ -125,7 +126,8 @@ class RetrievalService:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._render_lock = threading.Lock()
         reranker = self.images.reranker if self.images is not None else None
-        self.attention_model = reranker if reranker is not None and reranker.config.model.name == "scan" else None
+        offers = reranker is not None and method_spec(reranker.config.model.name).attention is not None
+        self.attention_model = reranker if offers else None
 
     @classmethod
     def open(cls, indexes: Sequence[str | os.PathLike], *, rerank: str | os.PathLike | None = None,
@@ -298,9 +300,8 @@ class RetrievalService:
 
     @torch.inference_mode()
     def attention(self, image_id: str, text: str) -> dict[str, Any]:
-        """Word -> region attention of the SCAN re-ranker for (gallery image, query), with the region boxes."""
-        from itmatch.modules.cross_attention import attention_weights
-
+        """Word -> region attention of the re-ranker (a method offering `attention`, e.g. SCAN) for (gallery image,
+        query), with the region boxes."""
         if self.attention_model is None:
             raise ServeError(400, "no attention to show: start the server with --rerank CKPT of a SCAN model")
         if self._boxes is None:
@@ -311,16 +312,17 @@ class RetrievalService:
         loaded = self.attention_model
         tokens = loaded.vocab.encode(text)
         feats = torch.from_numpy(np.asarray(self.split.images[row], dtype=np.float32))[None]
-        regions = loaded.model.encode_image(feats).emb[0]  # (R, E)
-        words = loaded.model.encode_text(torch.tensor([tokens]), torch.tensor([len(tokens)])).emb[0]  # (L, E)
-        weights = attention_weights(regions.double(), words.double(), loaded.model.xattn)  # (L, R)
+        attention = method_spec(loaded.config.model.name).attention
+        assert attention is not None
+        maps = attention(loaded.model, feats, torch.tensor([tokens]), torch.tensor([len(tokens)]))
+        weights = maps["weights"]  # (L, R)
         labels = ["<start>", *tokenize(text.lower()), "<end>"]
         if len(labels) != len(tokens):  # a tokenizer that is not the word vocabulary: number the positions
             labels = [f"#{i}" for i in range(len(tokens))]
         score = float(loaded.model.similarity(loaded.model.encode_image(feats),
                                               loaded.model.encode_text(torch.tensor([tokens]),
                                                                        torch.tensor([len(tokens)])))[0, 0])
-        return {"id": self.ids[row], "query": text, "direction": loaded.model.xattn.direction, "score": score,
+        return {"id": self.ids[row], "query": text, "direction": maps["direction"], "score": score,
                 "image_size": self.image_size(str(self.ids[row])), "words": labels,
                 "boxes": np.asarray(self._boxes[row], dtype=float).round(1).tolist(),
                 "weights": weights.float().numpy().round(5).tolist()}

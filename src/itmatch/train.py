@@ -9,7 +9,6 @@ and optimizer state of an uninterrupted run, bit for bit on CPU.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -33,8 +32,10 @@ from itmatch.data.vocab import load_vocab
 from itmatch.errors import ConfigError, DataError, TrainingError
 from itmatch.evaluation import evaluate_sims
 from itmatch.inference import compute_sims
+from itmatch.method import SplitInputs
 from itmatch.models.base import RetrievalModel
-from itmatch.registry import create_model
+from itmatch.recipe import Recipe
+from itmatch.registry import create_model, method_spec
 
 _logger = logging.getLogger(__name__)
 
@@ -57,17 +58,18 @@ def open_split(cfg: Config, root: Path, split: str, *, max_images: int = 0,
     """A split of the dataset at `root`: features, or raw images prepared for `cfg.model`'s backbone
     (`threads`: decode batches in `data.workers` threads; off where DataLoader workers already parallelise)."""
     dc = cfg.data
-    backbone = getattr(cfg.model, "backbone", "")
+    normalisation = method_spec(cfg.model.name).pixels(cfg.model)
     if dc.source == "features":
-        if backbone:
-            raise ConfigError(f"model.backbone={backbone!r} reads raw images; add --set data.source=images")
+        if normalisation is not None:
+            raise ConfigError(f"this {cfg.model.name} model reads raw images (model.backbone); add "
+                              "--set data.source=images")
         return PrecompSplit(root, split, max_images=max_images)
-    if not backbone:
+    if normalisation is None:
         raise ConfigError(f"data.source='images' needs a model with a CNN (model.backbone); {cfg.model.name} has "
                           "none set")
     return ImageSplit(root, split, input_scale_factor=dc.input_scale_factor, image_dir=dc.image_dir,
-                      normalisation="detector" if backbone.startswith("butd") else "imagenet",
-                      workers=dc.workers if threads else 0, skip_bad=dc.skip_bad_images, max_images=max_images)
+                      normalisation=normalisation, workers=dc.workers if threads else 0,
+                      skip_bad=dc.skip_bad_images, max_images=max_images)
 
 
 def resolve_config(cfg: Config) -> tuple[Config, PrecompSplit | ImageSplit, CaptionTokenizer]:
@@ -79,25 +81,26 @@ def resolve_config(cfg: Config) -> tuple[Config, PrecompSplit | ImageSplit, Capt
                        threads=cfg.data.workers == 0)
     vocab = load_vocab(find_vocab(root, cfg.data.vocab)) if uses_vocab(cfg.model) else None
     tokenizer = text_tokenizer(cfg.model, vocab)
-    updates: dict[str, Any] = {}
-    fields = {f.name for f in dataclasses.fields(cfg.model)}
-    if "vocab_size" in fields:
-        updates["vocab_size"] = len(tokenizer)
-    if "image_dim" in fields and isinstance(split, PrecompSplit):
-        if cfg.model.image_dim not in (0, split.feature_dim):
-            raise ConfigError(
-                f"model.image_dim={cfg.model.image_dim} but {split.images.path} has {split.feature_dim}-d features"
-            )
-        updates["image_dim"] = split.feature_dim
-    model_cfg = dataclasses.replace(cfg.model, **updates)
+    image_dim = split.feature_dim if isinstance(split, PrecompSplit) else None
+    try:
+        model_cfg = method_spec(cfg.model.name).complete(cfg.model, image_dim=image_dim, vocab_size=len(tokenizer))
+    except ConfigError as err:
+        raise ConfigError(f"{err} ({split.images.path})") from None
     data_cfg = dataclasses.replace(cfg.data, path=str(root))
     return dataclasses.replace(cfg, model=model_cfg, data=data_cfg), split, tokenizer
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> RetrievalModel:
-    model = create_model(cfg.model, device=device)
-    model.set_loss(margin=cfg.train.margin, max_violation=cfg.train.max_violation)
-    return model
+    """The model of a resolved config (`resolve_config`), on `device`."""
+    return create_model(cfg.model, device=device)
+
+
+def build_recipe(model: RetrievalModel, cfg: Config,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Recipe:
+    """The method's training recipe for `model` (built right after it: training-only modules draw their initial
+    weights after the model's)."""
+    make = method_spec(cfg.model.name).recipe or Recipe
+    return make(model, cfg, gather)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -141,14 +144,17 @@ def _one_line_errors(batches: Iterable[Batch]) -> Iterator[Batch]:
 
 
 class _TrainingLoss(torch.nn.Module):
-    """`model.training_loss` as a module's forward, so DistributedDataParallel sees (and syncs) the call."""
+    """The recipe's loss as a module's forward, over the model and the recipe's training-only modules (in that
+    order: the gradient clip's), so that DistributedDataParallel sees (and syncs) the call and every weight."""
 
-    def __init__(self, model: RetrievalModel) -> None:
+    def __init__(self, recipe: Recipe) -> None:
         super().__init__()
-        self.model = model
+        self.model = recipe.model
+        self.extra = torch.nn.ModuleDict(recipe.modules())
+        self.recipe = recipe
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        return self.model.training_loss(*args, **kwargs)
+        return self.recipe.loss(*args, **kwargs)
 
 
 class _NoWriter:
@@ -186,7 +192,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int,
     return optimizer.param_groups[0]["lr"]
 
 
-def _checkpoint(model: RetrievalModel, optimizer: torch.optim.Optimizer | None, cfg: Config,
+def _checkpoint(model: RetrievalModel, recipe: Recipe, optimizer: torch.optim.Optimizer | None, cfg: Config,
                 vocab: CaptionTokenizer, state: RunState, history: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": config_to_dict(cfg),
@@ -198,7 +204,7 @@ def _checkpoint(model: RetrievalModel, optimizer: torch.optim.Optimizer | None, 
     }
     if optimizer is not None:
         out["optimizer"] = optimizer.state_dict()
-        out["training_state"] = model.training_state_dict()
+        out["training_state"] = recipe.state_dict()
     return out
 
 
@@ -228,26 +234,28 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
         cfg = config_from_dict(saved["config"], str(ckpt_path))
     cfg, train_split, vocab = resolve_config(cfg)
     tc, dc = cfg.train, cfg.data
+    spec = method_spec(cfg.model.name)
     torch.manual_seed(tc.seed)
-    model = build_model(cfg, device)
-    if tc.region_drop and "lengths" not in inspect.signature(model.encode_image).parameters:
+    model = create_model(cfg.model, device=device)
+    recipe = build_recipe(model, cfg, distributed.gather_with_grad if info.enabled else None)
+    if tc.region_drop and not spec.region_drop:
         raise ConfigError(f"train.region_drop needs a model that takes image lengths; {cfg.model.name} does not")
-    if info.enabled and not model.trains_distributed():
+    if info.enabled and not recipe.trains_distributed:
         why = ("scores pairs by cross attention" if not model.is_embedding_model()
                else "builds its loss from per-word and per-region features")
         raise ConfigError(f"{cfg.model.name} {why}, which are not gathered across processes; train it in one "
                           "process (without torchrun)")
-    if info.enabled and getattr(cfg.model, "backbone", ""):
-        raise ConfigError(f"{cfg.model.name} with a backbone unfreezes its stages during training, which DDP (set up "
-                          "with the weights trainable at the start) would not synchronise; train it in one process")
+    refusal = spec.ddp_refusal(cfg.model) if info.enabled else None
+    if refusal:
+        raise ConfigError(refusal)
     if tc.amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a GPU (train.device=cuda); on CPU use train.amp=bf16 or none")
-    optimizer = model.make_optimizer(tc.lr)
+    optimizer = recipe.optimizer(tc.lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state, history = RunState(), []
     if saved is not None:
         model.load_state_dict(saved["model"])
-        model.load_training_state_dict(saved.get("training_state", {}))
+        recipe.load_state_dict(saved.get("training_state", {}))
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["state"])
         history = list(saved["history"])
@@ -260,7 +268,8 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
         (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
     if info.enabled:
         torch.manual_seed(tc.seed * 1_000_003 + 7919 * info.rank + state.global_step)  # own dropout masks per rank
-    trainer: torch.nn.Module = _TrainingLoss(model)
+    loss_module = _TrainingLoss(recipe)
+    trainer: torch.nn.Module = loss_module
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -273,13 +282,10 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     perm = None
     if dc.shuffle_captions:
         perm = np.random.default_rng(tc.seed).permutation(train_split.n_captions)
-    graph: dict = {}
-    if "boxes" in model.extra_inputs:  # GSMN's files: boxes, dependency pairs, its own token ids
-        from itmatch.data.gsmn_files import model_inputs
-
-        graph = model_inputs(train_split, cfg.model)
-    dataset = CaptionDataset(train_split, vocab, caption_perm=perm, tokens=graph.get("tokens"),
-                             boxes=graph.get("boxes"), depends=graph.get("depends"))
+    provider = spec.inputs(cfg.model)  # the method's extra inputs (GSMN: boxes, dependency pairs, its token ids)
+    found = provider.for_split(train_split) if provider is not None else SplitInputs()
+    dataset = CaptionDataset(train_split, vocab, caption_perm=perm, tokens=found.token_ids,
+                             image_inputs=found.images, caption_inputs=found.captions)
     augment = None
     if tc.region_drop or tc.word_noise:
         augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
@@ -299,11 +305,11 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     def save_resumable() -> None:
         state.train_seconds = seconds_before + time.perf_counter() - started
         if info.is_main:
-            native.save(_checkpoint(model, optimizer, cfg, vocab, state, history), ckpt_path)
+            native.save(_checkpoint(model, recipe, optimizer, cfg, vocab, state, history), ckpt_path)
 
     def save_best() -> None:
         if info.is_main:
-            native.save(_checkpoint(model, None, cfg, vocab, state, history), out / BEST)
+            native.save(_checkpoint(model, recipe, None, cfg, vocab, state, history), out / BEST)
 
     def validate() -> dict | None:
         """Dev results on rank 0 (the others wait); None on the other ranks."""
@@ -315,7 +321,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     try:
         while state.epoch < tc.epochs and not stop:
             lr = _set_lr(optimizer, base_lrs, state.epoch, tc.lr_update, tc.lr_milestones)
-            model.on_epoch_start(state.epoch)
+            recipe.on_epoch_start(state.epoch)
             batches = _rank_batches(epoch_batches(len(dataset), dc.batch_size, tc.seed, state.epoch), info)
             # Its own generator: starting an iterator draws a seed, which from the global RNG would shift the
             # dropout masks of a run resumed mid-epoch (VSRN's caption branch).
@@ -324,16 +330,16 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 batch_size=None, shuffle=False, num_workers=dc.workers,
                 generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + state.epoch),
             )
-            model.train()
+            loss_module.train()
             bar = tqdm(_one_line_errors(loader), total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
                        disable=not (progress and info.is_main), leave=False)
             for batch in bar:
                 batch = batch.to(device)
-                model.on_step_start(state.step_in_epoch, len(batches))
-                extra: dict[str, torch.Tensor] = {}
+                recipe.on_step_start(state.step_in_epoch, len(batches))
+                extra: dict[str, Any] = {}
                 if batch.image_lengths is not None:
                     extra["image_lengths"] = batch.image_lengths
-                extra |= batch.extras(model.extra_inputs)
+                extra |= batch.inputs | batch.extras(recipe.batch_inputs)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     terms = trainer(batch.images, batch.captions, batch.lengths, epoch=state.epoch, **extra)
                 loss = terms["loss"].float()
@@ -347,7 +353,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 scaler.scale(loss).backward()
                 if tc.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(loss_module.parameters(), tc.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 state.step_in_epoch += 1
@@ -364,8 +370,8 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                     res = validate()
                     if res is not None:
                         writer.add_scalar("val/rsum", res["rsum"], state.global_step)
-                        if tc.val_selects and model.selection_score(res) > state.best_score:
-                            state.best_score, state.best_epoch = model.selection_score(res), state.epoch + 1
+                        if tc.val_selects and recipe.selection_score(res) > state.best_score:
+                            state.best_score, state.best_epoch = recipe.selection_score(res), state.epoch + 1
                             save_best()
                 if tc.save_every and state.global_step % tc.save_every == 0:
                     save_resumable()
@@ -380,7 +386,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
             state.epoch += 1
             state.step_in_epoch = 0
             if res is not None:
-                score = model.selection_score(res)
+                score = recipe.selection_score(res)
                 for direction in ("i2t", "t2i"):
                     for k, v in res[direction].items():
                         writer.add_scalar(f"val/{direction}_{k}", v, state.global_step)

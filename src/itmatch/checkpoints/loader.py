@@ -1,7 +1,8 @@
 """Turn a checkpoint file into a ready model (config + weights + tokenizer), checking keys strictly.
 
-A file is either itmatch's own (native) or a release of an original repository, recognised by the first entry of
-`OFFICIAL` whose `detect` accepts it and imported by its pure `convert(ckpt) -> (model config, state dict)`.
+A file is either itmatch's own (native) or a release of an original repository, recognised by the first of the
+registered methods' importers (`MethodSpec.importers`, in priority order) whose `detect` accepts it and imported by
+its pure `convert(ckpt) -> (model config, state dict)`.
 """
 
 from __future__ import annotations
@@ -9,32 +10,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from itmatch.checkpoints import gsmn, hrem, native, scan, vse_infinity, vsrn
+from itmatch.checkpoints import native
 from itmatch.config import Config, DataConfig, config_from_dict
-from itmatch.data.gsmn_files import reads_precaps
 from itmatch.data.precomp import find_vocab
-from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
+from itmatch.data.tokenizers import CaptionTokenizer
 from itmatch.data.vocab import Vocabulary, load_vocab
 from itmatch.errors import CheckpointError, DataError
+from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import RetrievalModel
-from itmatch.registry import create_model
+from itmatch.registry import METHODS, create_model, list_models, method_spec
 
-# (name, detect, convert) per original repository; the classes their pickles may hold (argparse options).
-OFFICIAL: list[tuple[str, Callable[[Any], bool], Callable[[Any], tuple[Any, dict[str, torch.Tensor]]]]] = [
-    ("vse_infinity", vse_infinity.detect, vse_infinity.convert),
-    ("scan", scan.detect, scan.convert),
-    ("vsrn", vsrn.detect, vsrn.convert),
-    ("hrem", hrem.detect, hrem.convert),
-    ("gsmn", gsmn.detect, gsmn.convert),
-]
-OFFICIAL_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+OFFICIAL_GLOBALS: tuple[type, ...] = (argparse.Namespace,)  # the classes the originals' pickles may hold
+
+
+def importers() -> list[tuple[MethodSpec, Importer]]:
+    """Every registered method's importers of original checkpoints, most specific (lowest priority) first."""
+    list_models()
+    found = [(spec, imp) for spec in METHODS.values() for imp in spec.importers]
+    return sorted(found, key=lambda pair: (pair[1].priority, pair[0].name))
 
 
 @dataclass
@@ -85,19 +83,15 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=True)
 
 
-def _with_bert_path(model_cfg: Any, bert_path: str) -> Any:
-    if bert_path and "bert_path" in {f.name for f in dataclasses.fields(model_cfg)}:
-        return dataclasses.replace(model_cfg, bert_path=bert_path)
-    return model_cfg
-
-
 def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", vocab: str = "",
-               bert_path: str = "", data_root: Path | None = None) -> LoadedModel:
+               bert_path: str = "", data_root: Path | None = None,
+               memory_budget_mb: float | None = None) -> LoadedModel:
     """Load an itmatch checkpoint (model_best.pt / checkpoint.pt) or an original release, in eval mode.
 
     `vocab` (a vocabulary JSON) is needed by released word-vocabulary models (default: the one found next to
     `data_root`, as `itmatch train` finds it), `bert_path` by released BERT models (config + tokenizer; the
-    weights come from the checkpoint); `bert_path` also relocates a native BERT model.
+    weights come from the checkpoint); `bert_path` also relocates a native BERT model. `memory_budget_mb` sets the
+    scoring tiles' memory of methods that have one (speed only).
     """
     ckpt = native.read(path, allow=OFFICIAL_GLOBALS)
     if native.is_native(ckpt):
@@ -107,40 +101,45 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
             state = ckpt["model"]
         except KeyError as err:
             raise CheckpointError(f"{path}: checkpoint lacks {err}; it was not written by `itmatch train`") from None
-        cfg = dataclasses.replace(cfg, model=_with_bert_path(cfg.model, bert_path))
-        tokenizer = text_tokenizer(cfg.model, vocab_from_words(words) if words else None)
+        spec = method_spec(cfg.model.name)
+        cfg = dataclasses.replace(cfg, model=spec.relocate(cfg.model, bert_path=bert_path))
+        tokenizer = spec.tokenizer(cfg.model, vocab_from_words(words) if words else None)
     else:
-        name, convert = next(((n, c) for n, d, c in OFFICIAL if d(ckpt)), (None, None))
-        if convert is None:
+        found = next(((spec, imp) for spec, imp in importers() if imp.detect(ckpt)), None)
+        if found is None:
+            names = sorted({spec.name for spec, _ in importers()})
             raise CheckpointError(
                 f"{path}: neither an itmatch checkpoint nor a release of a supported original repository "
-                f"({', '.join(n for n, _, _ in OFFICIAL)})"
+                f"({', '.join(names)})"
             )
-        model_cfg, state = convert(ckpt)
-        model_cfg = _with_bert_path(model_cfg, bert_path)
-        pretokenized = reads_precaps(model_cfg)  # GSMN: ids from precaps_stan.txt
-        if uses_vocab(model_cfg) and not vocab and data_root is not None and not pretokenized:
+        spec, importer = found
+        name = spec.name
+        model_cfg, state = importer.convert(ckpt)
+        model_cfg = spec.relocate(model_cfg, bert_path=bert_path)
+        provider = spec.inputs(model_cfg)
+        pretokenized = provider is not None and provider.pretokenized  # GSMN: ids from precaps_stan.txt
+        uses_vocab = spec.uses_vocab(model_cfg)
+        if uses_vocab and not vocab and data_root is not None and not pretokenized:
             vocab = str(find_vocab(data_root))
-        if not uses_vocab(model_cfg) and not getattr(model_cfg, "bert_path", ""):
+        if not uses_vocab and not bert_path:
             raise CheckpointError(f"{path}: a {name} BERT model needs --bert-path DIR (BERT config and vocab.txt)")
-        if uses_vocab(model_cfg) and not vocab and not pretokenized:
+        if uses_vocab and not vocab and not pretokenized:
             raise CheckpointError(f"{path}: a {name} word-vocabulary model needs --vocab VOCAB.json (its vocabulary)")
         if pretokenized and not vocab:
             tokenizer: CaptionTokenizer = PretokenizedOnly(model_cfg.vocab_size)
         else:
-            tokenizer = text_tokenizer(model_cfg, load_vocab(vocab) if vocab else None)
-        if uses_vocab(model_cfg) and len(tokenizer) != model_cfg.vocab_size:
+            tokenizer = spec.tokenizer(model_cfg, load_vocab(vocab) if vocab else None)
+        if uses_vocab and len(tokenizer) != model_cfg.vocab_size:
             raise CheckpointError(
                 f"{path}: vocabulary {vocab} gives {len(tokenizer)} ids but the checkpoint embeds "
                 f"{model_cfg.vocab_size} words; pass the vocabulary the model was trained with"
             )
-        data = DataConfig()
-        if getattr(model_cfg, "backbone", ""):  # a grid model reads raw images at the size it was trained on
-            opt = ckpt.get("opt")
-            data = DataConfig(source="images", input_scale_factor=float(getattr(opt, "input_scale_factor", 1.0)))
+        data = DataConfig(**(importer.data(ckpt, model_cfg) if importer.data is not None else {}))
         cfg = Config(model=model_cfg, data=data)
-    if getattr(cfg.model, "backbone_weights", ""):  # initial CNN weights: the checkpoint's replace them
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone_weights=""))
+    model_cfg = spec.for_loading(cfg.model)
+    if memory_budget_mb is not None:
+        model_cfg = spec.with_memory_budget(model_cfg, memory_budget_mb)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
     model = create_model(cfg.model, device=device)
     load_state_strict(model, state, str(path))
     model.eval()

@@ -284,21 +284,12 @@ def write_dependencies(captions_path: Path, out: Path, *, progress: bool = False
     return len(deps)
 
 
-def reads_dependencies(model_cfg: Any) -> bool:
-    """Whether a model config's text encoder reads each caption's dependency pairs (sparse GSMN)."""
-    return bool(getattr(model_cfg, "sparse", False))
-
-
-def reads_precaps(model_cfg: Any) -> bool:
-    """Whether a model config reads caption word ids from `{split}_precaps_stan.txt` (released GSMN models)
-    instead of encoding captions with a vocabulary."""
-    return getattr(model_cfg, "text_ids", "vocab") == "precaps_stan"
-
-
-def model_inputs(split: PrecompSplit, model_cfg: Any, *, rows: Sequence[int] | None = None, box_compat: bool = False,
-                 compat_batch_size: int = 64, fold5: bool = False) -> dict[str, Any]:
-    """GSMN's inputs for a split: `boxes` (one row per entry of `rows`, default every feature row), `depends`
-    (sparse models) and `tokens` (models reading `{split}_precaps_stan.txt`; absent: use the vocabulary)."""
+def split_inputs(split: PrecompSplit, *, rows: Sequence[int] | None = None, depends: bool = False,
+                 precaps: bool = False, box_compat: bool = False, compat_batch_size: int = 64,
+                 fold5: bool = False) -> dict[str, Any]:
+    """GSMN's files for a split: `boxes` (one row per entry of `rows`, default every feature row), `depends`
+    (with `depends`: per caption, from `{split}_caps.json`) and `tokens` (with `precaps`: per caption, the ids of
+    `{split}_precaps_stan.txt`)."""
     out: dict[str, Any] = {}
     n_rows = len(split.images)
     if box_compat:
@@ -312,8 +303,8 @@ def model_inputs(split: PrecompSplit, model_cfg: Any, *, rows: Sequence[int] | N
     else:
         boxes = split_boxes(split.root, split.split, n_rows)
         out["boxes"] = boxes if rows is None else boxes[np.asarray(rows, dtype=np.int64)]
-    if reads_dependencies(model_cfg):
+    if depends:
         out["depends"] = read_dependencies(split.root / f"{split.split}_caps.json", split.n_captions)
-    if reads_precaps(model_cfg):
+    if precaps:
         out["tokens"] = read_precaps(split.root / f"{split.split}_precaps_stan.txt", split.n_captions)
     return out

@@ -8,8 +8,9 @@ VSE-infinity layout: ``DATA/{f30k,coco}/precomp/`` with the same files. Both are
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,24 +141,17 @@ class Batch:
     ids: torch.Tensor  # (B,) caption indices
     image_ids: torch.Tensor  # (B,) image row of each caption
     image_lengths: torch.Tensor | None = None  # (B,) valid regions when training drops some (VSE-infinity)
-    boxes: torch.Tensor | None = None  # (B, R, 4) normalised region boxes (GSMN)
-    depends: list | None = None  # per caption, its dependency pairs (GSMN)
+    # The model's extra inputs (its method's `inputs`, e.g. GSMN's "boxes" (B, R, 4) and "depends"), by name.
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            self.images.to(device),
-            self.captions.to(device),
-            self.lengths,
-            self.ids,
-            self.image_ids,
-            self.image_lengths,
-            None if self.boxes is None else self.boxes.to(device),
-            self.depends,
-        )
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
+        return Batch(self.images.to(device), self.captions.to(device), self.lengths, self.ids, self.image_ids,
+                     self.image_lengths, inputs)
 
-    def extras(self, names: tuple[str, ...]) -> dict:
-        """The per-batch inputs a model declares in `extra_inputs` (e.g. GSMN's boxes and dependency pairs)."""
-        return {name: getattr(self, name) for name in names}
+    def extras(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """Named inputs of the batch: its extra inputs, or its fields (e.g. HREM's "image_ids")."""
+        return {name: self.inputs[name] if name in self.inputs else getattr(self, name) for name in names}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -175,18 +169,19 @@ def pad_captions(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 class CaptionDataset(torch.utils.data.Dataset):
     """Item k = (image features of caption k's image, token ids of caption k, k, image row).
 
-    `tokens` replaces the vocabulary's ids (GSMN's pre-tokenised files); `boxes` (image rows, R, 4) and `depends`
-    (per caption) add GSMN's graph inputs to every batch.
+    `tokens` replaces the vocabulary's ids (GSMN's pre-tokenised files); `image_inputs` (per image row, e.g.
+    GSMN's boxes (rows, R, 4)) and `caption_inputs` (per caption, e.g. dependency pairs) add a method's extra inputs
+    to every batch.
     """
 
     def __init__(self, split: PrecompSplit, vocab: Vocabulary, *, caption_perm: np.ndarray | None = None,
-                 tokens: list[list[int]] | None = None, boxes: np.ndarray | None = None,
-                 depends: list | None = None) -> None:
+                 tokens: list[list[int]] | None = None, image_inputs: dict[str, Any] | None = None,
+                 caption_inputs: dict[str, list] | None = None) -> None:
         self.split = split
         self.tokens = tokens if tokens is not None else [vocab.encode(c) for c in split.captions]
         # Control experiment: caption k is paired with the image of caption perm[k] (breaks the pairing).
         self.caption_perm = caption_perm
-        self.boxes, self.depends = boxes, depends
+        self.image_inputs, self.caption_inputs = image_inputs or {}, caption_inputs or {}
 
     def __len__(self) -> int:
         return self.split.n_captions
@@ -210,10 +205,11 @@ class CaptionDataset(torch.utils.data.Dataset):
             rows, indices = [rows[i] for i in kept], [indices[i] for i in kept]
         batch = collate([(feats[i], self.tokens[k], k, rows[i]) for i, k in enumerate(indices)])
         order = batch.ids.tolist()
-        if self.boxes is not None:
-            batch.boxes = torch.from_numpy(self.boxes[np.asarray([self.image_row(k) for k in order])])
-        if self.depends is not None:
-            batch.depends = [self.depends[k] for k in order]
+        rows_in_order = np.asarray([self.image_row(k) for k in order])
+        for name, values in self.image_inputs.items():
+            batch.inputs[name] = torch.from_numpy(np.asarray(values[rows_in_order]))
+        for name, values in self.caption_inputs.items():
+            batch.inputs[name] = [values[k] for k in order]
         return batch
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from itmatch.data.vocab import Vocabulary
-from itmatch.errors import ConfigError
 
 
 class CaptionTokenizer(Protocol):
@@ -20,20 +19,23 @@ class CaptionTokenizer(Protocol):
 
 
 def uses_vocab(model_cfg: Any) -> bool:
-    """Whether the model reads captions with a word vocabulary (False: it brings its own BERT tokenizer)."""
-    return getattr(model_cfg, "text_encoder", "") != "bert"
+    """Whether the model reads captions with the dataset's word vocabulary (False: it brings its own tokenizer,
+    e.g. BERT's wordpieces), as its method declares."""
+    from itmatch.registry import method_spec
+
+    return method_spec(model_cfg.name).uses_vocab(model_cfg)
 
 
 def text_tokenizer(model_cfg: Any, vocab: Vocabulary | None) -> CaptionTokenizer:
-    """The tokenizer for `model_cfg`: BERT wordpiece from `model_cfg.bert_path`, else `vocab` (copied and extended
-    by the tokens the method appends, its config class's `extra_tokens`, e.g. VSE-infinity's `<mask>`)."""
-    if not uses_vocab(model_cfg):
-        from itmatch.data.wordpiece import WordpieceTokenizer
+    """The tokenizer for `model_cfg`, as its method declares (`MethodSpec.tokenizer`)."""
+    from itmatch.registry import method_spec
 
-        return WordpieceTokenizer(model_cfg.bert_path)
-    if vocab is None:
-        raise ConfigError(f"model {model_cfg.name!r} needs a word vocabulary (pass --vocab or --set data.vocab=PATH)")
-    extra = [t for t in getattr(type(model_cfg), "extra_tokens", ()) if t not in vocab]
+    return method_spec(model_cfg.name).tokenizer(model_cfg, vocab)
+
+
+def extended_vocabulary(vocab: Vocabulary, extra_tokens: tuple[str, ...] | list[str]) -> Vocabulary:
+    """`vocab`, copied and extended by the tokens a method appends (e.g. VSE-infinity's `<mask>`)."""
+    extra = [t for t in extra_tokens if t not in vocab]
     if not extra:
         return vocab
     out = Vocabulary()

@@ -1,4 +1,4 @@
-"""The interface every method implements: encode_image / encode_text / similarity (+ its training loss)."""
+"""The interface every model implements: encode_image / encode_text / similarity."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from itmatch.distributed import gather_with_grad
-from itmatch.errors import CheckpointError, ConfigError
-from itmatch.losses import hinge_loss
+from itmatch.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -57,18 +55,12 @@ def check_data_sizes(cfg: Any, *, vocab: bool = True) -> None:
 
 
 class RetrievalModel(nn.Module):
-    """Base class: embedding models implement `similarity` as a dot product; cross-attention models override it."""
+    """Base class: encoders and a similarity. Embedding models implement `similarity` as a dot product (the default);
+    cross-attention models override it. How a model trains is its method's `Recipe`, not part of the module.
 
-    margin: float = 0.2
-    max_violation: bool = False
-    # training_loss mines negatives over `global_batch` embeddings, so torchrun training equals one process on the
-    # concatenated batch; a method whose loss needs more of the batch (per-word features) sets this False.
-    global_batch_loss: bool = True
-    # Batch fields `training_loss` also takes, by name (GSMN: "boxes", "depends"; HREM: "image_ids").
-    extra_inputs: tuple[str, ...] = ()
-    # Dtype evaluation scores pairs in by default: the originals copy embeddings into float64 numpy arrays and score
-    # them there (or in float64 torch tensors made from them); GSMN casts each shard back to float32.
-    eval_dtype: torch.dtype = torch.float64
+    Every model keeps its frozen config as `self.cfg` (the registry finds its method spec by `cfg.name`)."""
+
+    cfg: Any
 
     def encode_image(self, images: torch.Tensor) -> Encoded:
         raise NotImplementedError
@@ -80,58 +72,7 @@ class RetrievalModel(nn.Module):
         """(N_img, N_txt) scores."""
         return images.emb @ texts.emb.T
 
-    def selection_score(self, results: dict) -> float:
-        """Model selection criterion on dev results: rsum, as most originals."""
-        return float(results["rsum"])
-
-    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        """The method's optimizer; the loop rescales every group's lr by 0.1 ** (epoch // lr_update)."""
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=lr)
-
-    def on_epoch_start(self, epoch: int) -> None:
-        """Hook for per-epoch switches of the originals (e.g. hardest negatives after a warm-up)."""
-
-    def on_step_start(self, step: int, steps: int) -> None:
-        """Hook before training step `step` (0-based) of an epoch of `steps` steps (e.g. a loss warm-up)."""
-
-    def training_state_dict(self) -> dict:
-        """Training-only weights kept out of `state_dict()` (e.g. VSRN's caption branch); saved for exact resume."""
-        return {}
-
-    def load_training_state_dict(self, state: dict) -> None:
-        """Restore what `training_state_dict` returned."""
-        if state:
-            raise CheckpointError(f"{type(self).__name__} has no training-only state, got {sorted(state)}")
-
     @classmethod
     def is_embedding_model(cls) -> bool:
         """True when similarity is the dot product of pooled embeddings (what can be indexed and all-gathered)."""
         return cls.similarity is RetrievalModel.similarity
-
-    @classmethod
-    def trains_distributed(cls) -> bool:
-        """Whether torchrun training reproduces one process on the global batch (dot-product methods whose loss
-        sees only pooled embeddings)."""
-        return cls.is_embedding_model() and cls.global_batch_loss
-
-    def global_batch(self, emb: torch.Tensor) -> torch.Tensor:
-        """Pooled (B_local, D) embeddings -> the global batch's under torchrun training (every rank's, in rank
-        order, gradients flowing back to this rank's rows), so negatives are mined over the whole batch."""
-        return gather_with_grad(emb) if self.training else emb
-
-    def set_loss(self, *, margin: float, max_violation: bool) -> None:
-        self.margin, self.max_violation = margin, max_violation
-
-    def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                      *, epoch: int, image_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms for one batch (pairs on the diagonal); key "loss" is what is minimised.
-
-        `image_lengths` (B,) counts the valid regions when training drops regions (`train.region_drop`); it is
-        then passed on to `encode_image(images, image_lengths)`.
-        """
-        encoded = self.encode_image(images) if image_lengths is None else self.encode_image(images, image_lengths)
-        texts = self.encode_text(captions, lengths)
-        if self.is_embedding_model():
-            encoded, texts = Encoded(self.global_batch(encoded.emb)), Encoded(self.global_batch(texts.emb))
-        sims = self.similarity(encoded, texts)
-        return {"loss": hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)}

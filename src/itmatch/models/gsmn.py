@@ -15,15 +15,17 @@ flow through the shared evaluation code unchanged: `emb` is (N, nodes, embed_dim
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from itmatch.errors import ConfigError
-from itmatch.losses import hinge_loss
+from itmatch.errors import CheckpointError, ConfigError, DataError
+from itmatch.method import Importer, MethodSpec, SplitInputs
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.models.scan import RegionFcEncoder
 from itmatch.modules.cross_attention import gather_words
@@ -41,7 +43,7 @@ from itmatch.modules.graph_matching import (
 from itmatch.modules.norm import l2norm
 from itmatch.modules.text_gru import GruTextEncoder
 from itmatch.modules.workspace import Workspace, run_tiles
-from itmatch.registry import register_model
+from itmatch.registry import register_method
 
 EPS = 1e-8
 
@@ -72,9 +74,6 @@ class GsmnConfig:
 
 
 class Gsmn(RetrievalModel):
-    extra_inputs = ("boxes", "depends")
-    eval_dtype = torch.float32  # upstream shard_xattn scores `.float()` copies of its float64 embeddings
-
     def __init__(self, cfg: GsmnConfig, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -168,14 +167,6 @@ class Gsmn(RetrievalModel):
         out[:, order.to(out.device)] = by_length
         return out
 
-    def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, epoch: int,
-                      image_lengths: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
-                      depends: Dependencies | None = None) -> dict[str, torch.Tensor]:
-        if image_lengths is not None:
-            raise ConfigError("gsmn does not support train.region_drop")
-        sims = self.similarity(self.encode_image(images, boxes), self.encode_text(captions, lengths, depends))
-        return {"loss": hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)}
-
 
 def dependency_adjacency(depends: Dependencies, lengths: torch.Tensor, width: int) -> torch.Tensor:
     """(B, width, width) zero-padded sparse word graphs (`sparse_adjacency` per caption)."""
@@ -187,7 +178,6 @@ def dependency_adjacency(depends: Dependencies, lengths: torch.Tensor, width: in
     return out
 
 
-@register_model("gsmn", GsmnConfig)
 def build(cfg: GsmnConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Gsmn:
     check_data_sizes(cfg)
     if cfg.embed_dim % cfg.num_block:
@@ -197,3 +187,164 @@ def build(cfg: GsmnConfig, *, device: torch.device | str | None = None, dtype: t
     if cfg.out_dim != 1:
         raise ConfigError("gsmn: out_dim must be 1 (one score per node, as every released model)")
     return Gsmn(cfg, device=device, dtype=dtype)
+
+# ------------------------------------------------------------------------ released checkpoints of the original
+# Import CrossmodalGroup/GSMN checkpoints (`model_best.pth.tar`): pure remapping to `GsmnConfig` + our state dict.
+#
+# The original saves `{'model': [img_enc, txt_enc, i2t_match_G, t2i_match_G state dicts], 'opt': Namespace, ...}`.
+# Sizes come from the tensors (the vocabulary size from the embedding), switches from `opt`; the weight-normed
+# heads keep their legacy `weight_g` / `weight_v` names, which `WeightNormLinear` uses too.
+
+
+def detect(ckpt: Any) -> bool:
+    """A GSMN release: four state dicts (encoders + two graphs) and the run's options."""
+    model = ckpt.get("model") if isinstance(ckpt, dict) else None
+    return (isinstance(model, list | tuple) and len(model) == 4 and all(isinstance(m, dict) for m in model)
+            and isinstance(ckpt.get("opt"), argparse.Namespace)
+            and any(k.startswith("graph_convolution_1.") for k in model[2]))
+
+
+def _graph(sd: dict[str, torch.Tensor], conv: str, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(f"{conv}."):
+            out[f"{prefix}.conv.{key.removeprefix(conv + '.')}"] = value
+        elif key.startswith(("out_1.", "out_2.")):
+            out[f"{prefix}.head.{key}"] = value
+        else:
+            raise CheckpointError(f"unexpected key {key!r} in a GSMN graph state dict")
+    return out
+
+
+def convert(official: dict[str, Any], where: str = "checkpoint") -> tuple[GsmnConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) from an original GSMN checkpoint."""
+    opt = official["opt"]
+    img_sd, txt_sd, vis_sd, txt_graph_sd = (dict(sd) for sd in official["model"])
+    need = [("fc.weight", img_sd), ("embed.weight", txt_sd), ("graph_convolution_1.mean_rho", vis_sd),
+            ("graph_convolution_3.params", txt_graph_sd), ("out_1.weight_v", vis_sd)]
+    missing = [k for k, sd in need if k not in sd]
+    if missing:
+        raise CheckpointError(f"{where}: not a GSMN checkpoint (missing {', '.join(missing)})")
+    embed_dim, image_dim = img_sd["fc.weight"].shape
+    vocab_size, word_dim = txt_sd["embed.weight"].shape
+    n_kernels = vis_sd["graph_convolution_1.mean_rho"].shape[0]
+    hid_dim = vis_sd["out_1.weight_v"].shape[0]
+    num_block = vis_sd["graph_convolution_1.conv_weights.0.weight"].shape[1]
+    if int(getattr(opt, "num_block", num_block)) != num_block:
+        raise CheckpointError(f"{where}: opt.num_block={opt.num_block} but the graphs take {num_block} inputs")
+    cfg = GsmnConfig(
+        image_dim=int(image_dim), embed_dim=int(embed_dim), word_dim=int(word_dim), vocab_size=int(vocab_size),
+        num_layers=int(getattr(opt, "num_layers", 1)), bi_gru=any(k.endswith("_reverse") for k in txt_sd),
+        no_imgnorm=bool(getattr(opt, "no_imgnorm", False)), no_txtnorm=bool(getattr(opt, "no_txtnorm", False)),
+        lambda_softmax=float(opt.lambda_softmax), num_block=int(num_block), hid_dim=int(hid_dim),
+        out_dim=int(vis_sd["out_2.weight_v"].shape[0]), n_kernels=int(n_kernels),
+        sparse=bool(getattr(opt, "is_sparse", False)), text_ids="precaps_stan",
+    )
+    state = {f"img_enc.{k}": v for k, v in img_sd.items()}
+    state |= {f"txt_enc.{k}": v for k, v in txt_sd.items()}
+    state |= _graph(vis_sd, "graph_convolution_1", "i2t_graph")
+    state |= _graph(txt_graph_sd, "graph_convolution_3", "t2i_graph")
+    return cfg, state
+
+
+class GsmnInputs:
+    """What GSMN reads besides features and word ids, and where it comes from.
+
+    Boxes (per image): the split's `{split}_ims_bbx.npy` / `{split}_ims_size.npy`, each box divided once by its
+    image's size (evaluation options `box_compat` / `box_compat_batch` reproduce the original's evaluation
+    geometry instead, see `data/gsmn_files.py`); a query image brings its own. Dependency pairs (per caption, sparse
+    models only): `{split}_caps.json`, or spaCy's parse of the caption's tokens for free text. Released models
+    (`text_ids = "precaps_stan"`) read caption word ids from `{split}_precaps_stan.txt`, so free text cannot be
+    encoded by them."""
+
+    image = ("boxes",)
+
+    def __init__(self, cfg: GsmnConfig) -> None:
+        self.cfg = cfg
+        self.caption: tuple[str, ...] = ("depends",) if cfg.sparse else ()
+        self.pretokenized = cfg.text_ids == "precaps_stan"
+
+    def for_split(self, split: Any, *, rows: Sequence[int] | None = None,
+                  options: Mapping[str, Any] | None = None, captions: bool = True) -> SplitInputs:
+        """Boxes of the split's images (`rows`, default every feature row) and, with `captions`, its captions'
+        dependency pairs (sparse) and precaps word ids (released models)."""
+        from itmatch.data.gsmn_files import split_inputs
+
+        opts = dict(options or {})
+        compat = opts.get("box_compat") or False
+        found = split_inputs(split, rows=rows, depends=self.cfg.sparse and captions,
+                             precaps=self.pretokenized and captions,
+                             box_compat=bool(compat), compat_batch_size=int(opts.get("box_compat_batch") or 64),
+                             fold5=bool(opts.get("fold5", False)))
+        return SplitInputs(images={"boxes": found["boxes"]},
+                           captions={"depends": found["depends"]} if "depends" in found else {},
+                           token_ids=found.get("tokens"))
+
+    def for_captions(self, root: Any, split: str, texts: Sequence[str]) -> SplitInputs:
+        """The per-caption inputs the dataset holds for the captions `texts` of `root`/`split` (a caption gallery):
+        dependency pairs from `{split}_caps.json` when present (else the caller parses the texts), precaps ids."""
+        from itmatch.data.gsmn_files import read_dependencies, read_precaps
+
+        out = SplitInputs()
+        if root is None:
+            if self.pretokenized:
+                raise DataError(f"this model reads caption word ids from {split}_precaps_stan.txt (model.text_ids = "
+                                "'precaps_stan'); pass --data DIR, the dataset the index was built from")
+            return out
+        if self.cfg.sparse and (root / f"{split}_caps.json").is_file():
+            out.captions["depends"] = read_dependencies(root / f"{split}_caps.json", len(texts))
+        if self.pretokenized:
+            out.token_ids = read_precaps(root / f"{split}_precaps_stan.txt", len(texts))
+            if self.cfg.sparse and "depends" not in out.captions:
+                raise DataError(f"this sparse model reads precaps_stan word ids, whose dependency pairs are "
+                                f"{root / f'{split}_caps.json'}, which is missing (a parse of the caption text would "
+                                "not fit those ids)")
+        return out
+
+    def for_texts(self, texts: Sequence[str], parser: Any = None) -> dict[str, list]:
+        """Dependency pairs of free texts (sparse models), parsed on the tokens `Vocabulary.encode` frames with
+        <start> and <end>, so that pair positions are positions in the word ids; a text without words has none."""
+        if not self.cfg.sparse:
+            return {}
+        from itmatch.data.gsmn_files import parse_dependencies
+        from itmatch.data.tokenize import tokenize
+
+        tokens = [tokenize(t) for t in texts]
+        words = [t for t in tokens if t]
+        parsed = iter(parse_dependencies(words, parser=parser or self.load_parser()) if words else [])
+        return {"depends": [next(parsed) if t else [] for t in tokens]}
+
+    def load_parser(self) -> Any:
+        """spaCy's parser (sparse models only; None for dense ones, which parse nothing)."""
+        if not self.cfg.sparse:
+            return None
+        from itmatch.data.gsmn_files import load_parser
+
+        return load_parser()
+
+    def for_image_query(self, features: np.ndarray, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The (R, 4) boxes of each query image (features (B, R, D)), normalised by its image's size."""
+        boxes = given.get("boxes")
+        if boxes is None:
+            raise DataError(
+                "gsmn re-ranking needs the boxes of the query image's regions: query a dataset image by its id "
+                "(`itmatch search INDEX --image ID`, or `Searcher.image_inputs`), or give (regions, 4) boxes x1, "
+                "y1, x2, y2 divided by the image's width and height with the features (`--image-boxes FILE`, "
+                "`search_image(features, boxes=...)`)")
+        arr = np.asarray(boxes, dtype=np.float32)
+        arr = arr[None] if arr.ndim == 2 else arr
+        if features.ndim == 3 and arr.shape != (*features.shape[:2], 4):
+            raise DataError(f"boxes of shape {np.shape(boxes)} for query features of shape {features.shape}; "
+                            f"expected ({features.shape[1]}, 4) per image")
+        if not np.isfinite(arr).all():
+            raise DataError("boxes contain NaN or infinity")
+        return {"boxes": list(arr)}
+
+
+SPEC = register_method(MethodSpec(
+    name="gsmn", config=GsmnConfig, build=build, inputs=GsmnInputs,
+    importers=(Importer(detect, convert, priority=50),),
+    neutral_keys=frozenset({"xattn_budget_mb"}), memory_budget_key="xattn_budget_mb",
+    eval_dtype=torch.float32,  # upstream shard_xattn scores `.float()` copies of its float64 embeddings
+    eval_options=frozenset({"box_compat", "box_compat_batch"}),
+))

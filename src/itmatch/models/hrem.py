@@ -19,22 +19,26 @@ and the iteration counter are training-only state (`training_state_dict`), never
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from itmatch.checkpoints.official import is_two_encoder_release, split_state
 from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.losses import distance_weighted_triplet_loss, hinge_loss
+from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.instance_graph import InstanceGraph
 from itmatch.modules.norm import l2norm
 from itmatch.modules.pooling import masked_mean_pool, topk_mean_pool
 from itmatch.modules.region_mlp import FcMlp
-from itmatch.modules.text_bert import bert_tokens, load_bert
+from itmatch.modules.text_bert import bert_tokens, load_bert, relocate_bert
 from itmatch.modules.transformer import encode_set, post_norm_encoder
-from itmatch.registry import register_model
+from itmatch.recipe import Recipe
+from itmatch.registry import register_method
 
 GRAPH = "graph"  # name of the training-only submodule
 _EPS = 1e-8  # upstream l2norm adds 1e-8 to the norm
@@ -122,11 +126,6 @@ class HremBertText(nn.Module):
 
 
 class Hrem(RetrievalModel):
-    # The instance graph relates every caption's words to every image's regions within the batch: those features
-    # are not gathered across torchrun processes, so HREM trains in one process.
-    global_batch_loss = False
-    extra_inputs = ("image_ids",)  # the loss groups the captions of one image
-
     def __init__(self, cfg: HremConfig, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -134,12 +133,6 @@ class Hrem(RetrievalModel):
         dd = {"device": device, "dtype": dtype}
         self.img_enc = HremRegionEncoder(cfg, **dd)
         self.txt_enc = HremBertText(cfg, **dd)
-        self.graph = InstanceGraph(cfg.embed_dim, nhead=cfg.nhead, dropout=cfg.dropout, num_layers=cfg.graph_layers,
-                                   topk=cfg.relation_topk, threshold=cfg.threshold, mask_weight=cfg.mask_weight,
-                                   **dd)
-        self.iterations = 0  # training steps seen (upstream GraphLoss.iter_count); resumes via training_state_dict
-        self.register_state_dict_post_hook(_drop_graph_weights)
-        self.register_load_state_dict_post_hook(_ignore_missing_graph_weights)
 
     def encode_image(self, images: torch.Tensor, lengths: torch.Tensor | None = None) -> Encoded:
         """images (B, K, image_dim); lengths (B,) valid regions (default: all K, as at evaluation)."""
@@ -156,16 +149,39 @@ class Hrem(RetrievalModel):
             return torch.full((len(images),), images.shape[1], dtype=torch.long, device=images.device)
         return lengths
 
-    def graph_active(self) -> bool:
-        return self.iterations >= self.cfg.warmup_iterations
 
-    def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, epoch: int,
-                      image_lengths: torch.Tensor | None = None,
-                      image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+class HremRecipe(Recipe):
+    """Upstream `GraphLoss`: the distance-weighted triplet loss, then after `warmup_iterations` steps the instance
+    graph's three extra terms and its KL regulariser; AdamW with BERT at 0.1 lr and the graph at
+    `graph_lr_factor`. The graph and the iteration counter are training-only state (never in the model's weights)."""
+
+    batch_inputs = ("image_ids",)  # the loss groups the captions of one image
+    # The instance graph relates every caption's words to every image's regions within the batch: those features
+    # are not gathered across torchrun processes, so HREM trains in one process.
+    distributed = False
+
+    def __init__(self, model: Hrem, config: Any, gather: Any = None) -> None:
+        super().__init__(model, config, gather)
+        cfg = model.cfg
+        weight = next(model.parameters())
+        self.graph = InstanceGraph(cfg.embed_dim, nhead=cfg.nhead, dropout=cfg.dropout, num_layers=cfg.graph_layers,
+                                   topk=cfg.relation_topk, threshold=cfg.threshold, mask_weight=cfg.mask_weight,
+                                   device=weight.device, dtype=weight.dtype)
+        self.iterations = 0  # training steps seen (upstream GraphLoss.iter_count); resumes via state_dict
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {GRAPH: self.graph}
+
+    def graph_active(self) -> bool:
+        return self.iterations >= self.model.cfg.warmup_iterations
+
+    def loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, epoch: int,
+             image_lengths: torch.Tensor | None = None,
+             image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Upstream `GraphLoss.forward`; `image_ids` (B,) groups the captions of one image (default: all distinct)."""
-        cfg = self.cfg
-        img, img_raw, regions = self.img_enc(images, self._image_lengths(images, image_lengths))
-        cap, cap_raw, words = self.txt_enc(captions, lengths)
+        model, cfg = self.model, self.model.cfg
+        img, img_raw, regions = model.img_enc(images, model._image_lengths(images, image_lengths))
+        cap, cap_raw, words = model.txt_enc(captions, lengths)
         ids = torch.arange(len(img), device=img.device) if image_ids is None else image_ids.to(img.device)
         kw = {"cutoff": cfg.triplet_cutoff, "margin": self.margin}
         if epoch < cfg.vse_mean_warmup_epochs:
@@ -186,38 +202,28 @@ class Hrem(RetrievalModel):
         self.iterations += 1  # upstream counts after the forward, so step `warmup` is the first with the graph
         return {"loss": base, **terms}
 
-    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
         """AdamW, weight decay 1e-4: text without BERT (lr), BERT (0.1 lr), image (lr), graph (lr x graph factor)."""
-        bert = {id(p) for p in self.txt_enc.bert.parameters()}
-        trainable = [p for p in self.txt_enc.parameters() if p.requires_grad]
+        model = self.model
+        bert = {id(p) for p in model.txt_enc.bert.parameters()}
+        trainable = [p for p in model.txt_enc.parameters() if p.requires_grad]
         return torch.optim.AdamW([
             {"params": [p for p in trainable if id(p) not in bert], "lr": lr},
             {"params": [p for p in trainable if id(p) in bert], "lr": 0.1 * lr},
-            {"params": [p for p in self.img_enc.parameters() if p.requires_grad], "lr": lr},
-            {"params": list(self.graph.parameters()), "lr": lr * self.cfg.graph_lr_factor},
+            {"params": [p for p in model.img_enc.parameters() if p.requires_grad], "lr": lr},
+            {"params": list(self.graph.parameters()), "lr": lr * model.cfg.graph_lr_factor},
         ], lr=lr, weight_decay=1e-4)
 
-    def training_state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {GRAPH: self.graph.state_dict(), "iterations": self.iterations}
 
-    def load_training_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if GRAPH not in state or "iterations" not in state:
             raise CheckpointError("hrem: the checkpoint has no relation-graph state to resume from")
         self.graph.load_state_dict(state[GRAPH])
         self.iterations = int(state["iterations"])
 
 
-def _drop_graph_weights(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for key in [k for k in state if k.startswith(f"{prefix}{GRAPH}.")]:
-        del state[key]
-
-
-def _ignore_missing_graph_weights(module: nn.Module, incompatible: Any) -> None:
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
-                                    if not (k.startswith(f"{GRAPH}.") or f".{GRAPH}." in k)]
-
-
-@register_model("hrem", HremConfig)
 def build(cfg: HremConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Hrem:
     check_data_sizes(cfg, vocab=False)
     if cfg.embed_dim % cfg.nhead:
@@ -229,3 +235,78 @@ def build(cfg: HremConfig, *, device: torch.device | str | None = None, dtype: t
     if cfg.relation_topk < 1 or cfg.warmup_iterations < 0:
         raise ConfigError("hrem: model.relation_topk must be >= 1 and model.warmup_iterations >= 0")
     return Hrem(cfg, device=device, dtype=dtype)
+
+# ------------------------------------------------------------------------ released checkpoints of the original
+# Import released HREM checkpoints (github.com/CrossmodalGroup/HREM @ 1ad2612).
+#
+# Upstream `train.py` writes `{'model': [img_enc_state, txt_enc_state], 'opt': argparse.Namespace, 'epoch',
+# 'best_rsum', 'Eiters'}` (a `module.` prefix only with `--multi_gpu 1`). The image state holds `fc.fc.*`,
+# `fc.mlp.*` (FC_MLP) and `aggr.layers.0.*` (the pooling transformer), the text state `bert.*`, `linear.*` and
+# `aggr.layers.0.*`; the relation graph lives in the training criterion and is never saved. Upstream loads the text
+# state with `strict=False`; `convert` returns a state dict for a strict load and drops only
+# `bert.embeddings.position_ids`, a buffer older transformers saved and newer ones recompute.
+
+
+_DROPPED = ("bert.embeddings.position_ids",)
+_MARK = ("fc.fc.weight", "aggr.layers.0.self_attn.in_proj_weight")  # FC_MLP + pooling transformer: HREM's image side
+
+
+def _strip(key: str) -> str:
+    return key.removeprefix("module.")  # DataParallel prefix
+
+
+def detect(ckpt: Any) -> bool:
+    """Whether `ckpt` looks like an HREM release: two state dicts + opt, an FC_MLP and a transformer on images."""
+    if not is_two_encoder_release(ckpt):
+        return False
+    keys = {_strip(k) for k in ckpt["model"][0]}
+    return all(k in keys for k in _MARK)
+
+
+def convert(official: Mapping[str, Any]) -> tuple[HremConfig, dict[str, torch.Tensor]]:
+    """(config, state dict for `Hrem`) from a loaded upstream checkpoint; sizes come from the tensors.
+
+    `nhead` and `residual_weight` come from `opt` (the tensors do not show them); `bert_path` stays empty: the
+    caller names a BERT directory for the BERT config and tokenizer, the weights come from the checkpoint.
+    """
+    if not detect(official):
+        raise CheckpointError("not an HREM checkpoint: expected {'model': [image_state, text_state], 'opt'} with "
+                              "fc.fc.* and aggr.layers.0.* image keys")
+    opt = official["opt"]
+    image, text = split_state(dict(official), "HREM checkpoint")
+    img_sd = {_strip(k): v for k, v in image.items()}
+    txt_sd = {_strip(k): v for k, v in text.items() if _strip(k) not in _DROPPED}
+    if not any(k.startswith("bert.") for k in txt_sd):
+        raise CheckpointError("HREM checkpoint: the text state has no bert.* weights")
+    embed_dim, image_dim = img_sd["fc.fc.weight"].shape
+    missing = [f for f in ("nhead", "residual_weight") if not hasattr(opt, f)]
+    if missing:
+        raise CheckpointError(f"HREM checkpoint: opt lacks {', '.join(missing)} (needed to rebuild the encoders)")
+    cfg = HremConfig(
+        image_dim=int(image_dim), embed_dim=int(embed_dim), nhead=int(opt.nhead),
+        residual_weight=float(opt.residual_weight), dropout=float(getattr(opt, "dropout", 0.1)),
+        no_imgnorm=bool(getattr(opt, "no_imgnorm", False)), no_txtnorm=bool(getattr(opt, "no_txtnorm", False)),
+        warmup_iterations=int(getattr(opt, "warmup", 8000)), graph_layers=int(getattr(opt, "num_layers_enc", 1)),
+        graph_lr_factor=float(getattr(opt, "graph_lr_factor", 1.0)),
+        mask_weight=float(getattr(opt, "mask_weight", 1.0)), threshold=float(getattr(opt, "threshold", 0.5)),
+        relation_topk=int(getattr(opt, "topk", 10)), reg_loss_weight=float(getattr(opt, "reg_loss_weight", 10.0)),
+        norm_input=bool(getattr(opt, "norm_input", 1)), cross_loss=bool(getattr(opt, "cross_loss", 1)),
+        triplet_cutoff=1.9 if getattr(opt, "dataset", "f30k") == "coco" else 1.7,
+    )
+    state = {f"img_enc.{k}": v for k, v in img_sd.items()}
+    state |= {f"txt_enc.{k}": v for k, v in txt_sd.items()}
+    return cfg, state
+
+
+def _tokenizer(cfg: HremConfig, vocab: Any) -> Any:
+    from itmatch.data.wordpiece import WordpieceTokenizer
+
+    return WordpieceTokenizer(cfg.bert_path)
+
+
+SPEC = register_method(MethodSpec(
+    name="hrem", config=HremConfig, build=build, recipe=HremRecipe,
+    importers=(Importer(detect, convert, priority=40),),
+    tokenizer=_tokenizer, uses_vocab=lambda cfg: False, relocate=relocate_bert,
+    neutral_keys=frozenset({"bert_path"}), region_drop=True,
+))

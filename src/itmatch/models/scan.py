@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from itmatch.errors import ConfigError
+from itmatch.checkpoints.official import is_two_encoder_release, split_state
+from itmatch.errors import CheckpointError, ConfigError
+from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
-from itmatch.modules.cross_attention import Aggregation, RawNorm, XAttnConfig, xattn_similarity
+from itmatch.modules.cross_attention import Aggregation, RawNorm, XAttnConfig, attention_weights, xattn_similarity
 from itmatch.modules.norm import l2norm
 from itmatch.modules.text_gru import GruTextEncoder
-from itmatch.registry import register_model
+from itmatch.registry import register_method
 
 EPS = 1e-8  # SCAN's l2norm adds 1e-8 to the norm
 
@@ -95,7 +97,62 @@ class Scan(RetrievalModel):
                                 offsets=texts.offsets)
 
 
-@register_model("scan", ScanConfig)
 def build(cfg: ScanConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Scan:
     check_data_sizes(cfg)
     return Scan(cfg, device=device, dtype=dtype)
+
+# ------------------------------------------------------------------------ released checkpoints of the original
+# Import kuanghuei/SCAN checkpoints (`model_best.pth.tar`): pure remapping to `ScanConfig` + our state dict.
+
+
+def detect(ckpt: Any) -> bool:
+    """A SCAN release: two encoder states, options with SCAN's cross-attention settings."""
+    if not is_two_encoder_release(ckpt):
+        return False
+    return hasattr(ckpt["opt"], "cross_attn") and hasattr(ckpt["opt"], "lambda_softmax")
+
+
+def convert(official: dict[str, Any], where: str = "checkpoint") -> tuple[ScanConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) from an original SCAN checkpoint; sizes come from the tensors, options from `opt`."""
+    opt = official["opt"]
+    img_sd, txt_sd = split_state(official, where)
+    if "embed.weight" not in txt_sd or not any(k.startswith("fc.") for k in img_sd):
+        raise CheckpointError(f"{where}: not a SCAN checkpoint (expected fc.* image keys and embed.weight)")
+    vocab_size, word_dim = txt_sd["embed.weight"].shape
+    weight_norm = "fc.weight_v" in img_sd
+    fc_weight = img_sd["fc.weight_v" if weight_norm else "fc.weight"]
+    embed_dim, image_dim = fc_weight.shape
+    cfg = ScanConfig(
+        image_dim=int(image_dim), embed_dim=int(embed_dim), word_dim=int(word_dim), vocab_size=int(vocab_size),
+        num_layers=int(getattr(opt, "num_layers", 1)), bi_gru=any(k.endswith("_reverse") for k in txt_sd),
+        no_imgnorm=bool(getattr(opt, "no_imgnorm", False)), no_txtnorm=bool(getattr(opt, "no_txtnorm", False)),
+        precomp_enc_type="weight_norm" if weight_norm else "basic", cross_attn=opt.cross_attn,
+        raw_feature_norm=opt.raw_feature_norm, agg_func=opt.agg_func, lambda_lse=float(opt.lambda_lse),
+        lambda_softmax=float(opt.lambda_softmax),
+    )
+    renames = {"fc.weight_g": "fc.parametrizations.weight.original0",
+               "fc.weight_v": "fc.parametrizations.weight.original1"}
+    state = {f"img_enc.{renames.get(k, k)}": v for k, v in img_sd.items()}
+    if weight_norm:  # torch 0.3 stored g with shape (1,) or (); the parametrization wants ()
+        key = "img_enc.fc.parametrizations.weight.original0"
+        state[key] = state[key].reshape(())
+    state |= {f"txt_enc.{k}": v for k, v in txt_sd.items()}
+    return cfg, state
+
+
+def attention_maps(model: Scan, images: torch.Tensor, captions: torch.Tensor,
+                   lengths: torch.Tensor) -> dict[str, Any]:
+    """Word -> region attention of one image (1, R, D) and one caption (1, L) for the web page: the direction and
+    the (L, R) weights, computed in float64."""
+    regions = model.encode_image(images).emb[0]  # (R, E)
+    words = model.encode_text(captions, lengths).emb[0]  # (L, E)
+    return {"direction": model.xattn.direction,
+            "weights": attention_weights(regions.double(), words.double(), model.xattn)}
+
+
+SPEC = register_method(MethodSpec(
+    name="scan", config=ScanConfig, build=build,
+    importers=(Importer(detect, convert, priority=20),),
+    neutral_keys=frozenset({"xattn_budget_mb"}), memory_budget_key="xattn_budget_mb",
+    attention=attention_maps,
+))

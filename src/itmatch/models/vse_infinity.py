@@ -13,22 +13,31 @@ word noise come from the data pipeline (`itmatch.data.augment`, `train.region_dr
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from itmatch.errors import ConfigError, DataError
+from itmatch.errors import CheckpointError, ConfigError, DataError
+from itmatch.method import Importer, MethodSpec, vocabulary_tokenizer
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
-from itmatch.modules.backbones import create_backbone, load_backbone_weights
+from itmatch.modules.backbones import (
+    backbone_ddp_refusal,
+    backbone_normalisation,
+    create_backbone,
+    load_backbone_weights,
+)
 from itmatch.modules.gpo import Gpo
 from itmatch.modules.norm import l2norm
 from itmatch.modules.region_mlp import RegionMlp
-from itmatch.modules.text_bert import bert_tokens, load_bert
+from itmatch.modules.text_bert import bert_tokens, load_bert, relocate_bert
 from itmatch.modules.text_gru import GruTextEncoder
-from itmatch.registry import register_model
+from itmatch.recipe import Recipe
+from itmatch.registry import register_method
 
 _EPS = 1e-8  # upstream l2norm adds 1e-8 to the norm
 
@@ -155,7 +164,6 @@ class VseInfinity(RetrievalModel):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self._epoch, self.loss_scale = -1, 1.0  # set by the training hooks
         dd = {"device": device, "dtype": dtype}
         self.img_enc: nn.Module
         if cfg.backbone:
@@ -190,49 +198,61 @@ class VseInfinity(RetrievalModel):
     def encode_text(self, captions: torch.Tensor, lengths: torch.Tensor) -> Encoded:
         return Encoded(self.txt_enc(captions, lengths))
 
+
+class VseInfinityRecipe(Recipe):
+    """Upstream's training: VSE0 for `vse_mean_warmup_epochs`, then hardest negatives (and they stay on); AdamW as
+    upstream per branch; grid models unfreeze the backbone stage-wise and warm the loss up linearly in the epoch the
+    backbone starts training."""
+
+    def __init__(self, model: VseInfinity, config: Any, gather: Any = None) -> None:
+        super().__init__(model, config, gather)
+        self.epoch, self.loss_scale = -1, 1.0
+
     def on_epoch_start(self, epoch: int) -> None:
-        # Upstream train.py: from epoch `vse_mean_warmup_epochs` on, hardest negatives (and they stay on).
-        if epoch >= self.cfg.vse_mean_warmup_epochs:
+        cfg = self.model.cfg
+        if epoch >= cfg.vse_mean_warmup_epochs:
             self.max_violation = True
-        if self.cfg.backbone:
-            self.img_enc.backbone.set_fixed_blocks(backbone_fixed_blocks(
-                epoch, self.cfg.embedding_warmup_epochs, self.cfg.backbone_warmup_epochs))
-        self._epoch = epoch
+        if cfg.backbone:
+            self.model.img_enc.backbone.set_fixed_blocks(backbone_fixed_blocks(
+                epoch, cfg.embedding_warmup_epochs, cfg.backbone_warmup_epochs))
+        self.epoch = epoch
 
     def on_step_start(self, step: int, steps: int) -> None:
         # Upstream train.py, grid models: in the epoch the backbone starts training, the loss is scaled by
         # i / (len(dataset) // batch_size + 1) at iteration i (its "linear warm-up"; with AdamW it acts through
         # gradient clipping). `steps` is our epoch length, ceil(len / batch), upstream's divisor when len % batch.
-        warm = bool(self.cfg.backbone) and self._epoch == self.cfg.embedding_warmup_epochs
+        cfg = self.model.cfg
+        warm = bool(cfg.backbone) and self.epoch == cfg.embedding_warmup_epochs
         self.loss_scale = step / steps if warm else 1.0
 
-    def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, epoch: int,
-                      image_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        terms = super().training_loss(images, captions, lengths, epoch=epoch, image_lengths=image_lengths)
+    def loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, epoch: int,
+             image_lengths: torch.Tensor | None = None, **inputs: Any) -> dict[str, torch.Tensor]:
+        terms = super().loss(images, captions, lengths, epoch=epoch, image_lengths=image_lengths, **inputs)
         return terms if self.loss_scale == 1.0 else {**terms, "loss": terms["loss"] * self.loss_scale}
 
-    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
         """AdamW as upstream: bert branch groups (text w/o BERT lr, BERT 0.1 lr, image lr) with weight decay 1e-4;
         bigru branch one group with torch's default weight decay 0.01 (it passes none)."""
-        if self.cfg.text_encoder == "bigru" and not self.cfg.backbone:
-            return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.01)
-        if self.cfg.text_encoder == "bigru":
-            text = [{"params": list(self.txt_enc.parameters()), "lr": lr}]
+        model, cfg = self.model, self.model.cfg
+        if cfg.text_encoder == "bigru" and not cfg.backbone:
+            return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        if cfg.text_encoder == "bigru":
+            text = [{"params": list(model.txt_enc.parameters()), "lr": lr}]
         else:
-            bert = {id(p) for p in self.txt_enc.bert.parameters()}
-            trainable = [p for p in self.txt_enc.parameters() if p.requires_grad]
+            bert = {id(p) for p in model.txt_enc.bert.parameters()}
+            trainable = [p for p in model.txt_enc.parameters() if p.requires_grad]
             text = [{"params": [p for p in trainable if id(p) not in bert], "lr": lr},
                     {"params": [p for p in trainable if id(p) in bert], "lr": 0.1 * lr}]
-        if not self.cfg.backbone:
-            return torch.optim.AdamW([*text, {"params": list(self.img_enc.parameters()), "lr": lr}], lr=lr,
+        if not cfg.backbone:
+            return torch.optim.AdamW([*text, {"params": list(model.img_enc.parameters()), "lr": lr}], lr=lr,
                                      weight_decay=1e-4)
         # Grid: backbone top (layer4) and base at lr * backbone_lr_factor, fc + GPO at lr, weight decay 1e-4.
-        backbone, factor = self.img_enc.backbone, self.cfg.backbone_lr_factor
+        backbone, factor = model.img_enc.backbone, cfg.backbone_lr_factor
         return torch.optim.AdamW([
             *text,
             {"params": backbone.top_parameters(), "lr": lr * factor},
             {"params": backbone.base_parameters(), "lr": lr * factor},
-            {"params": list(self.img_enc.image_encoder.parameters()), "lr": lr},
+            {"params": list(model.img_enc.image_encoder.parameters()), "lr": lr},
         ], lr=lr, weight_decay=1e-4)
 
 
@@ -246,7 +266,6 @@ def backbone_fixed_blocks(epoch: int, embedding_warmup: int, backbone_warmup: in
     return max(0, 3 - (epoch - embedding_warmup) // backbone_warmup)
 
 
-@register_model("vse_infinity", VseInfinityConfig)
 def build(cfg: VseInfinityConfig, *, device: torch.device | str | None = None,
           dtype: torch.dtype | None = None) -> VseInfinity:
     if not cfg.backbone:
@@ -254,3 +273,129 @@ def build(cfg: VseInfinityConfig, *, device: torch.device | str | None = None,
     if cfg.text_encoder == "bigru" and cfg.vocab_size <= 0:
         raise ConfigError("vse_infinity: text_encoder 'bigru' needs model.vocab_size > 0 (set from the vocabulary)")
     return VseInfinity(cfg, device=device, dtype=dtype)
+
+# ------------------------------------------------------------------------ released checkpoints of the original
+# Import the released VSE-infinity checkpoints (github.com/woodfrog/vse_infty @ 29df9d6 / bigru @ 8600f89).
+#
+# Upstream `train.py:save_checkpoint` writes `{'epoch', 'model': [img_enc_state, txt_enc_state], 'best_rsum',
+# 'opt': argparse.Namespace, 'Eiters'}`. Keys carry a `module.` prefix when the encoders were wrapped in
+# DataParallel (always on the BERT branch, never on the BiGRU region models). Upstream loads them with
+# `strict=False`, so a renamed key silently keeps random weights; `convert` returns a state dict for a strict load
+# and drops only `bert.embeddings.position_ids`, a buffer older transformers saved and newer ones recompute.
+# Grid models (`precomp_enc_type backbone`) hold the CNN twice, as `backbone.resnet.*` and as the same tensors under
+# `backbone.base.{0,1,4,5,6}.*` / `backbone.top.0.*`; the duplicates are checked to be equal and dropped, as is the
+# unused classifier `backbone.resnet.fc.*`. `opt.backbone_source` names the CNN (`detector` = BUTD ResNet-101).
+
+
+_DROPPED = ("bert.embeddings.position_ids",)
+_BIGRU_RENAMES = {"embed.": "gru.embed.", "rnn.": "gru.rnn."}  # upstream EncoderText -> BiGruGpoText
+
+
+def detect(ckpt: Any) -> bool:
+    """Whether `ckpt` looks like a VSE-infinity release: a 2-list of state dicts with GPO (`gpool.`) keys + opt."""
+    if not isinstance(ckpt, Mapping) or "opt" not in ckpt:
+        return False
+    model = ckpt.get("model")
+    if not isinstance(model, list | tuple) or len(model) != 2 or not all(isinstance(m, Mapping) for m in model):
+        return False
+    return any(_strip(k).startswith(("gpool.", "image_encoder.gpool.")) for k in model[0])  # region / grid
+
+
+def _strip(key: str) -> str:
+    return key.removeprefix("module.")  # DataParallel prefix
+
+
+def _text_key(key: str) -> str:
+    for old, new in _BIGRU_RENAMES.items():
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    return key
+
+
+def convert(official: Mapping[str, Any]) -> tuple[VseInfinityConfig, dict[str, torch.Tensor]]:
+    """(config, state dict for `VseInfinity`) from a loaded upstream checkpoint; sizes come from the tensors.
+
+    `bert_path` stays empty: a BERT model needs the caller to name a BERT directory (config + tokenizer).
+    """
+    if not detect(official):
+        raise CheckpointError("not a VSE-infinity checkpoint: expected {'model': [image_state, text_state], 'opt'}")
+    opt = official["opt"]
+    enc_type = getattr(opt, "precomp_enc_type", "basic")
+    if enc_type not in ("basic", "backbone"):
+        raise CheckpointError(f"VSE-infinity checkpoint with unknown precomp_enc_type={enc_type!r}")
+    img_sd = {_strip(k): v for k, v in official["model"][0].items()}
+    backbone = ""
+    if enc_type == "backbone":
+        backbone, img_sd = _grid_image_state(img_sd, str(getattr(opt, "backbone_source", "detector")))
+    txt_sd = {_strip(k): v for k, v in official["model"][1].items() if _strip(k) not in _DROPPED}
+    if "fc.weight" not in img_sd and "image_encoder.fc.weight" not in img_sd:
+        raise CheckpointError("VSE-infinity checkpoint: the image state has no fc.weight")
+    embed_dim, image_dim = img_sd["image_encoder.fc.weight" if backbone else "fc.weight"].shape
+    is_bert = any(k.startswith("bert.") for k in txt_sd)
+    vocab_size, word_dim = txt_sd["embed.weight"].shape if "embed.weight" in txt_sd else (0, 300)
+    cfg = VseInfinityConfig(
+        image_dim=int(image_dim), embed_dim=int(embed_dim), text_encoder="bert" if is_bert else "bigru",
+        backbone=backbone,
+        vocab_size=int(vocab_size), word_dim=int(word_dim),
+        no_imgnorm=bool(getattr(opt, "no_imgnorm", False)), no_txtnorm=bool(getattr(opt, "no_txtnorm", False)),
+        vse_mean_warmup_epochs=int(getattr(opt, "vse_mean_warmup_epochs", 0)),
+    )
+    state = {f"img_enc.{k}": v for k, v in img_sd.items()}
+    state |= {f"txt_enc.{k if is_bert else _text_key(k)}": v for k, v in txt_sd.items()}
+    return cfg, state
+
+
+# upstream `--backbone_source` -> itmatch backbone
+BACKBONES = {"detector": "butd_resnet101", "wsl": "resnext101_32x8d", "imagenet": "resnet101",
+             "imagenet_res50": "resnet50", "imagenet_res152": "resnet152", "imagenet_resnext": "resnext101_32x8d"}
+_BASE = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3"}
+
+
+def _grid_image_state(img_sd: dict[str, torch.Tensor], source: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(backbone name, image state of `GridEncoder`) from upstream's `EncoderImageFull` state."""
+    if source not in BACKBONES:
+        raise CheckpointError(f"VSE-infinity grid checkpoint: unknown backbone_source {source!r}; "
+                              f"known: {', '.join(BACKBONES)}")
+    resnet = {k.removeprefix("backbone.resnet."): v for k, v in img_sd.items() if k.startswith("backbone.resnet.")}
+    if not resnet:
+        raise CheckpointError("VSE-infinity grid checkpoint: the image state has no backbone.resnet.* weights")
+    for key, value in img_sd.items():  # base/top are the same modules registered twice: check, then drop
+        head, _, rest = key.partition(".")
+        if head != "backbone" or rest.startswith("resnet."):
+            continue
+        part, _, sub = rest.partition(".")
+        index, _, name = sub.partition(".")
+        own = _BASE.get(index) if part == "base" else "layer4" if part == "top" and index == "0" else None
+        if own is None or f"{own}.{name}" not in resnet:
+            raise CheckpointError(f"VSE-infinity grid checkpoint: unexpected image key {key}")
+        if not torch.equal(resnet[f"{own}.{name}"], value):
+            raise CheckpointError(f"VSE-infinity grid checkpoint: {key} differs from backbone.resnet.{own}.{name}")
+    out = {f"backbone.{k}": v for k, v in resnet.items() if not k.startswith("fc.")}  # classifier unused
+    out |= {k: v for k, v in img_sd.items() if k.startswith("image_encoder.")}
+    return BACKBONES[source], out
+
+
+def _tokenizer(cfg: VseInfinityConfig, vocab: Any) -> Any:
+    if cfg.text_encoder == "bert":
+        from itmatch.data.wordpiece import WordpieceTokenizer
+
+        return WordpieceTokenizer(cfg.bert_path)
+    return vocabulary_tokenizer(cfg, vocab)
+
+
+def _release_data(official: Mapping[str, Any], cfg: VseInfinityConfig) -> dict[str, Any]:
+    """A grid release reads raw images at the size it was trained on (`opt.input_scale_factor`)."""
+    if not cfg.backbone:
+        return {}
+    return {"source": "images", "input_scale_factor": float(getattr(official["opt"], "input_scale_factor", 1.0))}
+
+
+SPEC = register_method(MethodSpec(
+    name="vse_infinity", config=VseInfinityConfig, build=build, recipe=VseInfinityRecipe,
+    importers=(Importer(detect, convert, priority=10, data=_release_data),),
+    tokenizer=_tokenizer, uses_vocab=lambda cfg: cfg.text_encoder != "bert",
+    pixels=lambda cfg: backbone_normalisation(cfg.backbone) if cfg.backbone else None,
+    relocate=relocate_bert, for_loading=lambda cfg: dataclasses.replace(cfg, backbone_weights=""),
+    neutral_keys=frozenset({"bert_path"}), region_drop=True,
+    ddp_refusal=lambda cfg: backbone_ddp_refusal(cfg.name, cfg.backbone),
+))

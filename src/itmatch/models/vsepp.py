@@ -12,6 +12,7 @@ the original's CNN on raw images (`EncoderImageFull`: average-pooled ResNet, fc,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -20,11 +21,17 @@ import torch
 from torch import nn
 
 from itmatch.errors import ConfigError, DataError
+from itmatch.method import MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
-from itmatch.modules.backbones import create_backbone, load_backbone_weights
+from itmatch.modules.backbones import (
+    backbone_ddp_refusal,
+    backbone_normalisation,
+    create_backbone,
+    load_backbone_weights,
+)
 from itmatch.modules.norm import l2norm
 from itmatch.modules.text_gru import GruTextEncoder
-from itmatch.registry import register_model
+from itmatch.registry import register_method
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +118,6 @@ class Vsepp(RetrievalModel):
         return Encoded(l2norm(self.txt_enc(captions, lengths), dim=-1))
 
 
-@register_model("vsepp", VseppConfig)
 def build(cfg: VseppConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Vsepp:
     if cfg.backbone:
         if cfg.vocab_size <= 0:
@@ -119,3 +125,11 @@ def build(cfg: VseppConfig, *, device: torch.device | str | None = None, dtype: 
     else:
         check_data_sizes(cfg)
     return Vsepp(cfg, device=device, dtype=dtype)
+
+
+SPEC = register_method(MethodSpec(
+    name="vsepp", config=VseppConfig, build=build,
+    pixels=lambda cfg: backbone_normalisation(cfg.backbone) if cfg.backbone else None,
+    for_loading=lambda cfg: dataclasses.replace(cfg, backbone_weights=""),  # the checkpoint's weights replace them
+    ddp_refusal=lambda cfg: backbone_ddp_refusal(cfg.name, cfg.backbone),
+))

@@ -10,14 +10,16 @@ Upstream switches two steps on the exact string `data_name == 'f30k_precomp'` (m
 models skip the first l2norm and add a final BatchNorm1d; any other name takes the COCO path. Here they are the
 explicit options `fc_region_norm` and `final_bn`; the presets set them as upstream did.
 
-The caption branch is never part of the model's weights (upstream saves only [img_enc, txt_enc]): its modules are
-kept out of `state_dict()` and travel in resumable checkpoints through `training_state_dict()`.
-`caption_loss_weight = 0` removes it (no modules built; the retrieval encoders draw the same initial weights).
+The caption branch is never part of the model's weights (upstream saves only [img_enc, txt_enc]): it belongs to
+the training recipe (`VsrnRecipe`) and travels in resumable checkpoints only. `caption_loss_weight = 0` removes it
+(no modules built; the retrieval encoders draw the same initial weights).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,12 +28,14 @@ from torch import nn
 
 from itmatch.errors import CheckpointError, ConfigError
 from itmatch.losses import caption_nll, hinge_loss
+from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.captioner import RegionCaptioner
 from itmatch.modules.graph import ResidualGraphConv
 from itmatch.modules.norm import l2norm
 from itmatch.modules.text_gru import GruTextEncoder
-from itmatch.registry import register_model
+from itmatch.recipe import Recipe
+from itmatch.registry import register_method
 
 CAPTION = "caption"  # name of the training-only submodule
 
@@ -120,14 +124,6 @@ class Vsrn(RetrievalModel):
                                         device=device, dtype=dtype)
         self.txt_enc = GruTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_dim, num_layers=cfg.num_layers,
                                       output="last", device=device, dtype=dtype)
-        # Built last, so that removing it leaves the encoders' initial weights unchanged for a given seed.
-        self.caption = None
-        if cfg.caption_loss_weight > 0:
-            self.caption = RegionCaptioner(cfg.embed_dim, cfg.vocab_size, hidden=cfg.caption_hidden,
-                                           word_dim=cfg.caption_word_dim, dropout=cfg.caption_dropout,
-                                           device=device, dtype=dtype)
-        self.register_state_dict_post_hook(_drop_caption_weights)
-        self.register_load_state_dict_post_hook(_ignore_missing_caption_weights)
 
     def encode_image(self, images: torch.Tensor) -> Encoded:
         return Encoded(self.img_enc(images)[0])
@@ -135,8 +131,32 @@ class Vsrn(RetrievalModel):
     def encode_text(self, captions: torch.Tensor, lengths: torch.Tensor) -> Encoded:
         return Encoded(l2norm(self.txt_enc(captions, lengths), dim=-1))
 
+
+class VsrnRecipe(Recipe):
+    """VSE++'s hinge loss (hardest negatives, after `vse_mean_warmup_epochs` of VSE0 when set) plus, in training
+    only, the caption generator's loss on the reasoned regions; selection on R@1 + R@5 both ways; Adam.
+
+    The caption branch is never part of the model's weights (upstream saves only [img_enc, txt_enc]): it lives
+    here and travels in resumable checkpoints through `state_dict()`. `caption_loss_weight = 0` removes it. It is
+    built right after the model (as upstream's __init__ builds it after the encoders), so that removing it leaves
+    the encoders' initial weights unchanged for a given seed."""
+
+    def __init__(self, model: Vsrn, config: Any, gather: Any = None) -> None:
+        super().__init__(model, config, gather)
+        cfg = model.cfg
+        weight = next(model.parameters())
+        self.caption = None
+        if cfg.caption_loss_weight > 0:
+            self.caption = RegionCaptioner(cfg.embed_dim, cfg.vocab_size, hidden=cfg.caption_hidden,
+                                           word_dim=cfg.caption_word_dim, dropout=cfg.caption_dropout,
+                                           device=weight.device, dtype=weight.dtype)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {} if self.caption is None else {CAPTION: self.caption}
+
     def on_epoch_start(self, epoch: int) -> None:
-        if self.cfg.vse_mean_warmup_epochs > 0 and epoch >= self.cfg.vse_mean_warmup_epochs:
+        warmup = self.model.cfg.vse_mean_warmup_epochs
+        if warmup > 0 and epoch >= warmup:
             self.max_violation = True
 
     def selection_score(self, results: dict) -> float:
@@ -144,45 +164,31 @@ class Vsrn(RetrievalModel):
         i2t, t2i = results["i2t"], results["t2i"]
         return float(i2t["R@1"] + i2t["R@5"] + t2i["R@1"] + t2i["R@5"])
 
-    def training_loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                      *, epoch: int) -> dict[str, torch.Tensor]:
-        img_emb, regions = self.img_enc(images)
-        sims = self.global_batch(img_emb) @ self.global_batch(self.encode_text(captions, lengths).emb).T
+    def loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, epoch: int,
+             image_lengths: torch.Tensor | None = None, **inputs: Any) -> dict[str, torch.Tensor]:
+        cfg = self.model.cfg
+        img_emb, regions = self.model.img_enc(images)
+        sims = self.gather(img_emb) @ self.gather(self.model.encode_text(captions, lengths).emb).T
         matching = hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)
         if self.caption is None:
             return {"loss": matching}
-        labels, mask = caption_targets(captions, lengths, self.cfg.caption_max_len)
+        labels, mask = caption_targets(captions, lengths, cfg.caption_max_len)
         # Upstream decodes max_len - 1 steps whatever the batch; steps past the longest mask contribute 0.
-        steps = min(self.cfg.caption_max_len - 1, int(mask.sum(dim=1).max()) - 1)
+        steps = min(cfg.caption_max_len - 1, int(mask.sum(dim=1).max()) - 1)
         logprobs = self.caption(regions, labels[:, :steps])
         caption = caption_nll(logprobs, labels[:, 1 : steps + 1], mask[:, 1 : steps + 1].to(logprobs.dtype))
-        return {"loss": matching + self.cfg.caption_loss_weight * caption, "matching": matching, "caption": caption}
+        return {"loss": matching + cfg.caption_loss_weight * caption, "matching": matching, "caption": caption}
 
     # Upstream's Adam (model.py VSRN.__init__) lists the caption encoder/decoder parameters twice, so under torch
     # 0.4.1 they took two Adam steps per batch and counted twice in the gradient clip. torch 2.x warns about (and
     # will refuse) duplicate parameters; we list each parameter once: the caption branch trains at the plain rate.
 
-    def training_state_dict(self) -> dict[str, Any]:
-        return {} if self.caption is None else {CAPTION: self.caption.state_dict()}
-
-    def load_training_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if (CAPTION in state) != (self.caption is not None):
             raise CheckpointError("the checkpoint's caption branch does not match model.caption_loss_weight")
-        if self.caption is not None:
-            self.caption.load_state_dict(state[CAPTION])
+        super().load_state_dict(state)
 
 
-def _drop_caption_weights(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for key in [k for k in state if k.startswith(f"{prefix}{CAPTION}.")]:
-        del state[key]
-
-
-def _ignore_missing_caption_weights(module: nn.Module, incompatible: Any) -> None:
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
-                                    if not (k.startswith(f"{CAPTION}.") or f".{CAPTION}." in k)]
-
-
-@register_model("vsrn", VsrnConfig)
 def build(cfg: VsrnConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Vsrn:
     check_data_sizes(cfg)
     if cfg.caption_loss_weight < 0:
@@ -192,3 +198,81 @@ def build(cfg: VsrnConfig, *, device: torch.device | str | None = None, dtype: t
     if cfg.caption_max_len < 2:
         raise ConfigError("vsrn: model.caption_max_len must be >= 2")
     return Vsrn(cfg, device=device, dtype=dtype)
+
+# ------------------------------------------------------------------------ released checkpoints of the original
+# Import the released VSRN checkpoints (github.com/KunpengLi1994/VSRN @ 777ae74, train.py:save_checkpoint).
+#
+# An official file is `{'epoch', 'model': [img_enc.state_dict(), txt_enc.state_dict()], 'best_rsum', 'opt'
+# (argparse.Namespace), 'Eiters'}`. Image keys: `fc.*`, `img_rnn.*`, `Rs_GCN_{1..4}.{g,theta,phi,W.0}.*` (1x1
+# convolutions, weights (out, in, 1)), `Rs_GCN_k.W.1.*` (batch norm) and, for `opt.data_name == 'f30k_precomp'`
+# only, `bn.*`. Text keys: `embed.weight`, `rnn.*`. The caption branch was never saved.
+#
+# `convert` is pure: it renames keys, squeezes the conv kernel axis, and reads the configuration from the tensors'
+# shapes, except the two data-name switches, which only `opt.data_name` records (upstream tests that exact string).
+
+
+F30K = "f30k_precomp"
+_GCN = re.compile(r"Rs_GCN_(\d+)\.(g|theta|phi|W\.0|W\.1)\.(\w+)$")
+_GCN_PART = {"g": "g", "theta": "theta", "phi": "phi", "W.0": "w", "W.1": "bn"}
+
+
+def detect(official: Any) -> bool:
+    """True for a dict whose `model` is [image, text] state dicts with VSRN's graph-convolution keys."""
+    model = official.get("model") if isinstance(official, Mapping) else None
+    return (isinstance(model, list | tuple) and len(model) == 2 and isinstance(model[0], Mapping)
+            and "Rs_GCN_1.g.weight" in model[0])
+
+
+def convert(official: Mapping[str, Any]) -> tuple[VsrnConfig, dict[str, torch.Tensor]]:
+    """Official VSRN checkpoint dict -> (VsrnConfig, state dict of `Vsrn`) for strict loading."""
+    if not detect(official) or "opt" not in official:
+        raise CheckpointError("not a VSRN checkpoint: expected 'opt' and 'model' = [image state, text state]")
+    opt, (img_sd, txt_sd) = official["opt"], official["model"]
+    data_name = getattr(opt, "data_name", None)
+    if not isinstance(data_name, str):
+        raise CheckpointError("VSRN checkpoint: opt.data_name is missing; it decides the F30K/COCO image encoder")
+    for key in ("fc.weight", "embed.weight"):
+        if key not in (img_sd if key.startswith("fc") else txt_sd):
+            raise CheckpointError(f"VSRN checkpoint: no {key!r} in its state dicts")
+    state = {f"img_enc.{_image_key(k)}": _squeeze_conv(k, v) for k, v in img_sd.items()}
+    state |= {f"txt_enc.{k}": v for k, v in txt_sd.items()}
+    for k in [k for k in state if k.endswith(".running_mean")]:  # pre-0.4.1 files lack num_batches_tracked
+        state.setdefault(k.replace(".running_mean", ".num_batches_tracked"), torch.tensor(0))
+    embed_dim, image_dim = img_sd["fc.weight"].shape
+    vocab_size, word_dim = txt_sd["embed.weight"].shape
+    cfg = VsrnConfig(
+        image_dim=int(image_dim),
+        embed_dim=int(embed_dim),
+        word_dim=int(word_dim),
+        num_layers=sum(1 for k in txt_sd if k.startswith("rnn.weight_ih_l")),
+        vocab_size=int(vocab_size),
+        gcn_layers=len({m.group(1) for k in img_sd if (m := _GCN.match(k))}),
+        fc_region_norm=data_name != F30K,
+        final_bn=data_name == F30K,
+        caption_hidden=int(getattr(opt, "dim_hidden", 512)),
+        caption_word_dim=int(getattr(opt, "dim_word", 300)),
+        caption_max_len=int(getattr(opt, "max_len", 60)),
+        caption_dropout=float(getattr(opt, "input_dropout_p", 0.2)),
+    )
+    return cfg, state
+
+
+def _image_key(key: str) -> str:
+    if key.startswith("img_rnn."):
+        return "rnn." + key.removeprefix("img_rnn.")
+    m = _GCN.match(key)
+    if m:
+        return f"gcn.{int(m.group(1)) - 1}.{_GCN_PART[m.group(2)]}.{m.group(3)}"
+    return key  # fc.*, bn.*; anything else is reported as unexpected by the strict load
+
+
+def _squeeze_conv(key: str, value: torch.Tensor) -> torch.Tensor:
+    if _GCN.match(key) and key.endswith(".weight") and value.ndim == 3 and value.shape[-1] == 1:
+        return value.squeeze(-1)  # Conv1d (out, in, 1) -> Linear (out, in)
+    return value
+
+
+SPEC = register_method(MethodSpec(
+    name="vsrn", config=VsrnConfig, build=build, recipe=VsrnRecipe,
+    importers=(Importer(detect, convert, priority=30),),
+))

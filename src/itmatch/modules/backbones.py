@@ -173,6 +173,20 @@ class ResNet(nn.Module):
         return list(self.layer4.parameters())
 
 
+def backbone_normalisation(name: str) -> str:
+    """Pixel normalisation a backbone was trained with: Caffe-style BGR minus means for the BUTD detector, ImageNet
+    mean/std for the others."""
+    return "detector" if name.startswith("butd") else "imagenet"
+
+
+def backbone_ddp_refusal(method: str, backbone: str) -> str | None:
+    """Why torchrun training does not apply to a model with a backbone: it unfreezes its stages during training."""
+    if not backbone:
+        return None
+    return (f"{method} with a backbone unfreezes its stages during training, which DDP (set up with the weights "
+            "trainable at the start) would not synchronise; train it in one process")
+
+
 def create_backbone(name: str, *, num_classes: int = 0, frozen_bn: bool = True,
                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ResNet:
     if name not in SPECS:

@@ -8,8 +8,10 @@ installs from PyPI), resolved with importlib.resources.
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,3 +65,8 @@ def bert_tokens(bert: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     Upstream masks every id 0 ([PAD]), also one drawn by the random-token augmentation inside a caption.
     """
     return bert(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+
+
+def relocate_bert(cfg: Any, *, bert_path: str = "", **paths: str) -> Any:
+    """A config with a BERT text encoder (its directory in `bert_path`) reading BERT from `bert_path` instead."""
+    return dataclasses.replace(cfg, bert_path=bert_path) if bert_path else cfg
