@@ -104,8 +104,9 @@ def _cmd_import_karpathy(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v} images" for k, v in r.images.items()) + f"; vocabulary {r.vocab_size} words")
     print(f"{r.trimmed} image(s) had more than 5 captions: kept their first 5")
     if r.id_mapping:
-        print(f"wrote {Path(args.out) / 'id_mapping.json'}; train raw-image models with "
-              f"--set data.image_dir={args.images}")
+        found = Path(args.images).resolve() in {(Path(args.out) / n).resolve() for n in ("flickr30k-images", "images")}
+        print(f"wrote {Path(args.out) / 'id_mapping.json'}"
+              + ("" if found else f"; train raw-image models with --set data.image_dir={args.images}"))
     return 0
 
 
