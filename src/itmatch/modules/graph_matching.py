@@ -193,8 +193,12 @@ def _block_gram(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _triangle(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of the upper triangle (i <= j) of an n x n matrix, `torch.triu_indices` order."""
-    iu, ju = torch.triu_indices(n, n, device=device)
+    """Row and column indices of the upper triangle (i <= j) of an n x n matrix, `torch.triu_indices` order.
+
+    Built outside inference mode: the cache outlives the call, and an inference tensor made by an evaluation would
+    break every later autograd use of the same size ("Inference tensors cannot be saved for backward")."""
+    with torch.inference_mode(False):
+        iu, ju = torch.triu_indices(n, n, device=device)
     return iu, ju
 
 
