@@ -10,8 +10,8 @@ test, restval), ``sentences[]`` (``raw`` text and ``tokens``), ``imgid`` (index 
   the 5-fold 1K and the 5K protocols) and ``test`` = the first 1,000 images of ``testall``.
 
 Captions are the ``raw`` sentences (the originals' ``{split}_caps.txt`` hold raw text; their loaders lower-case and
-tokenise), five per image in the file's order: images with more keep their first five (COCO has a few hundred with
-six or seven), images with fewer are an error. Ids: COCO ``cocoid`` (VSE-infinity's COCO ``id_mapping.json`` is keyed
+tokenise), five per image in the file's order: images with more keep their first five (some COCO images have six
+or seven), images with fewer are an error. Ids: COCO ``cocoid`` (VSE-infinity's COCO ``id_mapping.json`` is keyed
 by the COCO image id); Flickr ``imgid`` (VSE-infinity's F30K ``id_mapping.json`` maps "0".."31013" to the files, in
 the Karpathy file's order), or ``stem`` (the file name's integer stem, e.g. 1000092795) on request.
 """
