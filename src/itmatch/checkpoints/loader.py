@@ -19,7 +19,7 @@ import torch
 from itmatch.checkpoints import gsmn, hrem, native, scan, vse_infinity, vsrn
 from itmatch.config import Config, DataConfig, config_from_dict
 from itmatch.data.gsmn_files import reads_precaps
-from itmatch.data.precomp import find_vocab
+from itmatch.data.precomp import CHECKPOINT_VOCAB_HINT, find_vocab
 from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
 from itmatch.data.vocab import Vocabulary, load_vocab
 from itmatch.errors import CheckpointError, DataError
@@ -120,11 +120,11 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
         model_cfg = _with_bert_path(model_cfg, bert_path)
         pretokenized = reads_precaps(model_cfg)  # GSMN: ids from precaps_stan.txt
         if uses_vocab(model_cfg) and not vocab and data_root is not None and not pretokenized:
-            vocab = str(find_vocab(data_root))
+            vocab = str(find_vocab(data_root, hint=CHECKPOINT_VOCAB_HINT))
         if not uses_vocab(model_cfg) and not getattr(model_cfg, "bert_path", ""):
             raise CheckpointError(f"{path}: a {name} BERT model needs --bert-path DIR (BERT config and vocab.txt)")
         if uses_vocab(model_cfg) and not vocab and not pretokenized:
-            raise CheckpointError(f"{path}: a {name} word-vocabulary model needs --vocab VOCAB.json (its vocabulary)")
+            raise CheckpointError(f"{path}: a {name} word-vocabulary model needs --vocab PATH (.json or .pkl)")
         if pretokenized and not vocab:
             tokenizer: CaptionTokenizer = PretokenizedOnly(model_cfg.vocab_size)
         else:
