@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from itmatch.checkpoints import gsmn, hrem, native, scan, vse_infinity, vsrn
+from itmatch.checkpoints import gsmn, hrem, native, scan, vse_infinity, vsepp, vsrn
 from itmatch.config import Config, DataConfig, config_from_dict
 from itmatch.data.gsmn_files import reads_precaps
 from itmatch.data.precomp import CHECKPOINT_VOCAB_HINT, find_vocab
@@ -33,6 +33,7 @@ OFFICIAL: list[tuple[str, Callable[[Any], bool], Callable[[Any], tuple[Any, dict
     ("vsrn", vsrn.detect, vsrn.convert),
     ("hrem", hrem.detect, hrem.convert),
     ("gsmn", gsmn.detect, gsmn.convert),
+    ("vsepp", vsepp.detect, vsepp.convert),  # last: SCAN/VSRN/HREM files share its layout, with more in them
 ]
 OFFICIAL_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
