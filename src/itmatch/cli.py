@@ -149,8 +149,8 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
               batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
-              cxc: str = "", dtype: str | None = None, budget_mb: float | None = None, box_compat: bool = False,
-              compat_batch_size: int = 64) -> dict:
+              cxc: str = "", dtype: str | None = None, budget_mb: float | None = None, box_compat: str = "",
+              compat_batch_size: int | None = None) -> dict:
     import torch
 
     from itmatch.checkpoints.loader import load_model
@@ -179,7 +179,8 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
         else:
             sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
                                 progress=progress, dtype=getattr(torch, dtype) if dtype else None,
-                                box_compat=box_compat, compat_batch_size=compat_batch_size, fold5=fold5)
+                                box_compat=box_compat, fold5=fold5,
+                                compat_batch_size=compat_batch_size or loaded.original_batch_size or 64)
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -470,11 +471,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
     e.add_argument("--memory-budget", type=float, metavar="MB",
                    help="memory for cross-attention intermediates per tile (changes speed, never scores)")
-    e.add_argument("--box-compat", action="store_true",
-                   help="GSMN: score with the original's box geometry (cumulative in-place division, row aliasing, "
-                        "w/h swap of the release) to reproduce its numbers for its released checkpoints")
-    e.add_argument("--box-compat-batch", type=int, default=64, metavar="N",
-                   help="the original's eval batch size (opt.batch_size: 64 for F30K, 32 for COCO releases)")
+    e.add_argument("--box-compat", nargs="?", const="release", default="", choices=("release", "upstream"),
+                   help="GSMN: score with the original's box geometry (cumulative in-place division, row aliasing) "
+                        "to reproduce its numbers for its released checkpoints: 'release' (bare --box-compat) with "
+                        "the code they were released with (x / height, y / width), 'upstream' with today's data.py")
+    e.add_argument("--box-compat-batch", type=int, default=None, metavar="N",
+                   help="the original's eval batch size (default: the checkpoint's opt.batch_size, else 64; the "
+                        "releases: 64 for F30K, 32 for COCO)")
     e.set_defaults(run=_cmd_eval)
 
     d = sub.add_parser("data", help="create, check and convert datasets")

@@ -81,12 +81,13 @@ def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *,
 
 
 def encode_split(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
-                 device: torch.device | str = "cpu", progress: bool = False, box_compat: bool = False,
+                 device: torch.device | str = "cpu", progress: bool = False, box_compat: str | bool = "",
                  compat_batch_size: int = 64, fold5: bool = False) -> tuple[Encoded, Encoded]:
     """Encode every distinct image and every caption of a split in eval mode (CxC needs the embeddings).
 
     Models that take boxes (GSMN) also get the split's boxes, normalised correctly or, with `box_compat`,
-    as the original evaluation computed them (its loader batch `compat_batch_size`, its `fold5` row indexing).
+    as the original evaluation computed them (`box_compat` "release" or "upstream" code, its loader batch
+    `compat_batch_size`, its `fold5` row indexing).
     """
     was_training = model.training
     model.eval()
@@ -107,7 +108,7 @@ def encode_split(model: RetrievalModel, split: PrecompSplit, vocab: CaptionToken
 
 def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
                  device: torch.device | str = "cpu", progress: bool = False,
-                 dtype: torch.dtype | None = None, box_compat: bool = False, compat_batch_size: int = 64,
+                 dtype: torch.dtype | None = None, box_compat: str | bool = "", compat_batch_size: int = 64,
                  fold5: bool = False) -> np.ndarray:
     """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix."""
     was_training = model.training

@@ -44,6 +44,7 @@ class LoadedModel:
     config: Config
     vocab: CaptionTokenizer
     path: str
+    original_batch_size: int | None = None  # a release's opt.batch_size: the batch its original evaluated with
 
 
 class PretokenizedOnly:
@@ -145,4 +146,6 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
     model = create_model(cfg.model, device=device)
     load_state_strict(model, state, str(path))
     model.eval()
-    return LoadedModel(model, cfg, tokenizer, str(path))
+    opt = None if native.is_native(ckpt) else ckpt.get("opt")
+    batch = getattr(opt, "batch_size", None)
+    return LoadedModel(model, cfg, tokenizer, str(path), int(batch) if isinstance(batch, int) else None)
