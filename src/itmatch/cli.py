@@ -156,7 +156,7 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
     from itmatch.checkpoints.loader import load_model
     from itmatch.data.precomp import resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
-    from itmatch.inference import compute_sims
+    from itmatch.inference import compute_fold_sims, compute_sims
     from itmatch.train import open_split
 
     if cxc and len(ckpts) != 1:
@@ -176,11 +176,11 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
         if cxc:
             sims, cxc_results = _cxc(loaded.model, split_data, loaded.vocab, cxc, batch_size=batch_size,
                                      device=device, progress=progress)
-        else:
-            sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                                progress=progress, dtype=getattr(torch, dtype) if dtype else None,
-                                box_compat=box_compat, fold5=fold5,
-                                compat_batch_size=compat_batch_size or loaded.original_batch_size or 64)
+        else:  # with --fold5 only the five diagonal blocks, (5, n/5, n), are scored
+            scorer = compute_fold_sims if fold5 else compute_sims
+            sims = scorer(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
+                          progress=progress, dtype=getattr(torch, dtype) if dtype else None, box_compat=box_compat,
+                          compat_batch_size=compat_batch_size or loaded.original_batch_size or 64)
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
