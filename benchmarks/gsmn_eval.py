@@ -1,4 +1,4 @@
-"""GSMN evaluation: our tiled scoring vs a faithful port of the original per-caption loop (tests/gsmn_reference.py).
+"""GSMN evaluation: our tiled scoring vs a port of the original per-caption loop (tests/gsmn_reference.py).
 
 Shapes of the Flickr30K test protocol: 36 regions, 1024-d, 16 blocks, lambda 20, caption lengths drawn like F30K's
 (about 12 words plus <start>/<end>), full-size model (random weights; the cost does not depend on them). Both
@@ -116,7 +116,7 @@ def main() -> int:
             "rounds": args.rounds, "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""), "rows": rows}
     for r in rows:
         print(f"{r['variant']:6s} ours {r['ours_us_per_pair']:7.1f} us/pair (F30K 1K: {r['ours_f30k_s']:6.0f} s)  "
-              f"loop {r['loop_us_per_pair']:7.1f} us/pair ({r['loop_f30k_s']:6.0f} s)  "
+              f"port of the original loop {r['loop_us_per_pair']:7.1f} us/pair ({r['loop_f30k_s']:6.0f} s)  "
               f"speedup {r['speedup']:5.1f}x  max|delta| {r['max_abs_delta']:.1e}")
     print(f"threads {info['threads']}, device {args.device}, torch {torch.__version__}, clock {args.clock}, "
           f"medians of {args.rounds} alternating rounds")

@@ -116,3 +116,37 @@ def training_recipe(model, *, margin: float = 0.2, max_violation: bool = False, 
 
     cfg = Config(model=model.cfg, train=TrainConfig(margin=margin, max_violation=max_violation, **train))
     return (method_spec(model.cfg.name).recipe or Recipe)(model, cfg)
+
+
+def write_vsepp_pickle(path: Path, words: list[str]) -> Path:
+    """A vocabulary pickled as VSE++'s `vocab.py` did (a `vocab.Vocabulary` with word2idx, idx2word, idx)."""
+    import pickle
+    import sys
+    import types
+
+    module = types.ModuleType("vocab")
+
+    class Vocabulary:  # the original's attributes, nothing else
+        def __init__(self) -> None:
+            self.word2idx: dict[str, int] = {}
+            self.idx2word: dict[int, str] = {}
+            self.idx = 0
+
+    Vocabulary.__module__, Vocabulary.__qualname__ = "vocab", "Vocabulary"
+    module.Vocabulary = Vocabulary  # type: ignore[attr-defined]
+    old = Vocabulary()
+    for word in words:
+        old.word2idx[word], old.idx2word[old.idx] = old.idx, word
+        old.idx += 1
+    saved = sys.modules.get("vocab")
+    sys.modules["vocab"] = module
+    try:
+        data = pickle.dumps(old, protocol=2)
+    finally:
+        if saved is None:
+            del sys.modules["vocab"]
+        else:
+            sys.modules["vocab"] = saved
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path

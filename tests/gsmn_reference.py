@@ -1,10 +1,10 @@
-"""A faithful port of GSMN's scoring loop, written from the reference spec (vsrn_and_gsmn.md, B.4-B.5).
+"""A port of GSMN's scoring loop, written from the reference spec (vsrn_and_gsmn.md, B.4-B.5): not the original.
 
 It keeps the original's structure and arithmetic order: one caption at a time against a shard of images, the
 caption repeated per image, attended vectors materialised and split into blocks, the neighbour tensors built with
 `repeat`, the Gaussian kernel weights recomputed for every caption, the per-kernel Linear layers applied one by
 one. It reads the weights of an `itmatch` Gsmn model and serves as the oracle of the tests and the baseline of
-`benchmarks/gsmn_eval.py`. Not part of the library.
+`benchmarks/gsmn_eval.py` ("port of the original loop"). Not part of the library.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def build_sparse_graph(dep: Sequence[Sequence[int]], n: int) -> torch.Tensor:
 
 def reference_scores(model: Gsmn, images: torch.Tensor, boxes: torch.Tensor, words: torch.Tensor,
                      lengths: Sequence[int], depends: Sequence | None = None, shard: int = 80) -> torch.Tensor:
-    """(N_img, N_cap) scores, original loop: shards of images x captions, one caption at a time.
+    """(N_img, N_cap) scores by the port of the original loop: shards of images x captions, one caption at a time.
 
     images: (N_img, R, d) encoded regions; boxes (N_img, R, 4) normalised; words (N_cap, L, d) encoded words.
     Differentiable: with autograd on, gradients reach the inputs and the model's graph and head weights.

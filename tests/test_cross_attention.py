@@ -134,3 +134,48 @@ def test_attention_weights_are_the_ones_the_score_is_computed_with(direction: st
         cos = torch.nn.functional.cosine_similarity(regions, alpha.T @ words, dim=-1)  # each region
     score = xattn_scores(regions[None], words[None], torch.tensor([4]), cfg)[0, 0]
     torch.testing.assert_close(cos.mean(), score)
+
+
+def shifted_softmax_pair(image: torch.Tensor, words: torch.Tensor, cfg: XAttnConfig) -> float:
+    """One pair in float64 as upstream's nn.Softmax computes it (maximum subtracted), for raw norms that do not
+    bound the logits (`clipped`, `no_norm`)."""
+    image, words = image.double(), words.double()
+    query, context = (words, image) if cfg.direction == "t2i" else (image, words)
+    x = context @ query.T  # (S, Q)
+    if cfg.raw_feature_norm == "clipped":
+        x = torch.where(x > 0, x, 0.1 * x)
+    logits = cfg.lambda_softmax * x
+    weights = torch.exp(logits - logits.max(0, keepdim=True).values)
+    alpha = weights / weights.sum(0, keepdim=True)  # over the context axis
+    attended = alpha.T @ context
+    r = torch.stack([q @ a / max(float(q.norm() * a.norm()), 1e-8) for q, a in zip(query, attended, strict=True)])
+    match cfg.agg_func:
+        case "LogSumExp":
+            return float(torch.log(torch.exp(cfg.lambda_lse * r).sum()) / cfg.lambda_lse)
+        case "Mean":
+            return float(r.mean())
+        case "Max":
+            return float(r.max())
+        case "Sum":
+            return float(r.sum())
+    raise AssertionError
+
+
+@pytest.mark.parametrize("direction,norm,agg", list(itertools.product(["t2i", "i2t"], ["clipped", "no_norm"], AGGS)))
+def test_unbounded_logits_stay_finite_and_match_a_shifted_softmax(direction: str, norm: str, agg: str) -> None:
+    # Un-normalised features (no_imgnorm / no_txtnorm): dots of ~1e3, logits of ~1e4, far past exp's float32 range.
+    images, captions, lengths = random_case(seed=11)
+    images, captions = images * 30.0, captions * 20.0
+    cfg = XAttnConfig(direction=direction, raw_feature_norm=norm, agg_func=agg, lambda_softmax=9.0)
+    got = xattn_scores(images, captions, lengths, cfg)
+    want = torch.tensor([[shifted_softmax_pair(images[i], captions[c, : lengths[c]], cfg)
+                          for c in range(len(lengths))] for i in range(len(images))], dtype=torch.float64)
+    assert torch.isfinite(want).all()
+    assert torch.isfinite(got).all()
+    assert (got.double() - want).abs().max().item() <= 1e-4
+    with torch.enable_grad():  # the autograd path (training) shifts the same way
+        images_g = images.clone().requires_grad_(True)
+        again = xattn_scores(images_g, captions, lengths, cfg)
+        again.sum().backward()
+    torch.testing.assert_close(again.detach(), got, rtol=0, atol=1e-5)
+    assert torch.isfinite(images_g.grad).all()

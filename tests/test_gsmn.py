@@ -204,7 +204,8 @@ def _simulate_original_loader(raw: np.ndarray, sizes: list[dict], n_captions: in
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("fold5", [False, True])
-def test_box_compat_reproduces_the_cumulative_in_place_division(dtype: type, fold5: bool) -> None:
+@pytest.mark.parametrize("swap_wh", [True, False], ids=["release", "upstream"])
+def test_box_compat_reproduces_the_cumulative_in_place_division(dtype: type, fold5: bool, swap_wh: bool) -> None:
     from itmatch.data.gsmn_files import compat_boxes, normalised_boxes
 
     rng = np.random.default_rng(0)
@@ -212,16 +213,17 @@ def test_box_compat_reproduces_the_cumulative_in_place_division(dtype: type, fol
     raw = (rng.random((n_img, 2, 4)) * 300 + 1).astype(dtype)
     sizes = [{"image_w": 640, "image_h": 480}, {"image_w": 500, "image_h": 333}, {"image_w": 375, "image_h": 500}]
     size_arr = np.array([[s["image_w"], s["image_h"]] for s in sizes], dtype=np.float64)
-    rows = _simulate_original_loader(raw, sizes, 5 * n_img, batch, swap_wh=True)
+    rows = _simulate_original_loader(raw, sizes, 5 * n_img, batch, swap_wh=swap_wh)
     expected = np.stack([rows[5 * j] if fold5 else rows[j] for j in range(n_img)]).astype(np.float32)
-    got = compat_boxes(raw, size_arr, n_images=n_img, batch_size=batch, fold5=fold5, swap_wh=True)
+    got = compat_boxes(raw, size_arr, n_images=n_img, batch_size=batch, fold5=fold5, swap_wh=swap_wh)
     np.testing.assert_array_equal(got, expected)
     if not fold5:  # image 1 is scored with image 0's boxes (row 1 of the per-caption list), as upstream
         assert np.array_equal(got[1] > 0, got[0] > 0)
         if dtype == np.float32:  # caption rows 0 and 1 share a batch: both saw 5 + 4 divisions
             cur = raw[0].copy()
+            div = [480, 640, 480, 640] if swap_wh else [640, 480, 640, 480]  # release: x / h, y / w
             for _ in range(9):
-                cur = cur / np.array([480, 640, 480, 640], dtype=np.float32)
+                cur = cur / np.array(div, dtype=np.float32)
             np.testing.assert_array_equal(got[0], cur)
     fixed = normalised_boxes(raw, size_arr)
     np.testing.assert_allclose(fixed[1], raw[1] / np.array([500, 333, 500, 333]), rtol=1e-6)

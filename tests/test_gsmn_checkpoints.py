@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from itmatch.checkpoints.loader import PretokenizedOnly, load_model
@@ -94,3 +95,62 @@ def test_eval_cli_box_compat_and_dense_sparse_ensemble(tmp_path: Path, capsys) -
         outs[len(extra)] = out.read_text()
     assert "2 model(s)" in capsys.readouterr().out
     assert outs[0] != outs[3]  # the compat geometry changes the scores
+
+
+def test_model_inputs_box_compat_variants_replay_the_original_loader(tmp_path: Path) -> None:
+    from itmatch.data.precomp import PrecompSplit
+    from itmatch.errors import DataError
+    from itmatch.models.gsmn import GsmnInputs
+    from tests.test_gsmn import _simulate_original_loader
+
+    data = tmp_path / "data"
+    _gsmn_split(data, 4)  # images 400 wide, 380 high: the two variants differ
+    split = PrecompSplit(data, "test")
+    raw = np.load(data / "test_ims_bbx.npy")
+    sizes = [{"image_w": 400, "image_h": 380}] * 4
+    cfg = tiny_model(False).cfg
+    for variant, swap in (("release", True), (True, True), ("upstream", False)):  # True: the old boolean API
+        rows = _simulate_original_loader(raw, sizes, 20, 8, swap_wh=swap)
+        got = GsmnInputs(cfg).for_split(split, options={"box_compat": variant, "box_compat_batch": 8}).images["boxes"]
+        np.testing.assert_array_equal(got, np.stack(rows[:4]).astype(np.float32))
+    release = GsmnInputs(cfg).for_split(split, options={"box_compat": "release", "box_compat_batch": 8}).images["boxes"]
+    assert not np.array_equal(release, GsmnInputs(cfg).for_split(
+        split, options={"box_compat": "upstream", "box_compat_batch": 8}).images["boxes"])
+    with pytest.raises(DataError, match="box-compat variant 'fixed'"):
+        GsmnInputs(cfg).for_split(split, options={"box_compat": "fixed"})
+
+
+def test_eval_box_compat_flag_and_its_batch_from_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import itmatch.inference
+
+    data = tmp_path / "data"
+    _gsmn_split(data, 5)
+    calls: list[tuple] = []
+
+    def spy(model, split, vocab, **kw):  # what the CLI asks the scorer for; scores are not the point here
+        options = kw["options"]
+        calls.append((options.get("box_compat", ""), options.get("box_compat_batch")))
+        return np.eye(5).repeat(5, axis=1)
+
+    monkeypatch.setattr(itmatch.inference, "compute_sims", spy)
+    model = tiny_model(False)
+    recorded = official_layout(model, False)
+    recorded["opt"].batch_size = 8
+    unrecorded = official_layout(model, False)
+    del unrecorded["opt"].batch_size
+    paths = {}
+    for name, ckpt in (("recorded", recorded), ("unrecorded", unrecorded)):
+        paths[name] = tmp_path / f"{name}.pth.tar"
+        torch.save(ckpt, paths[name])
+    runs = [
+        (["recorded", "--box-compat"], ("release", 8)),  # bare flag = the release's code, batch from opt
+        (["recorded", "--box-compat", "upstream"], ("upstream", 8)),
+        (["recorded", "--box-compat", "release", "--box-compat-batch", "32"], ("release", 32)),
+        (["unrecorded", "--box-compat"], ("release", 64)),  # no opt.batch_size: 64
+        (["recorded"], ("", None)),  # no compat geometry: no loader batch either
+    ]
+    for (name, *flags), want in runs:
+        calls.clear()
+        assert main(["-q", "eval", str(paths[name]), "--data", str(data), *flags]) == 0
+        assert calls == [want], (name, flags)
+    assert main(["-q", "eval", str(paths["recorded"]), "--data", str(data), "--box-compat", "swapped"]) == 2

@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 
 from itmatch.data.npy import MappedArray, read_npy_header
-from itmatch.data.precomp import CaptionDataset, PrecompSplit, collate, find_vocab, load_split, resolve_root
-from itmatch.data.vocab import load_vocab
+from itmatch.data.precomp import (
+    CHECKPOINT_VOCAB_HINT,
+    CaptionDataset,
+    PrecompSplit,
+    collate,
+    find_vocab,
+    load_split,
+    resolve_root,
+)
+from itmatch.data.vocab import load_vocab, save_vocab
 from itmatch.errors import DataError
-from tests.conftest import write_tiny_dataset
+from tests.conftest import write_tiny_dataset, write_vsepp_pickle
 
 
 def test_scan_layout_reads_features_captions_and_ids(tiny_data: Path) -> None:
@@ -152,3 +160,28 @@ def test_missing_dataset_and_vocab(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="itmatch data vocab"):
         find_vocab(root)
     assert load_vocab  # imported API
+
+
+@pytest.mark.parametrize("layout", ["scan", "vse_infinity"])
+def test_a_pickled_vocabulary_alone_is_found(tmp_path: Path, layout: str) -> None:
+    # VSE++ and VSRN releases ship only vocab/f30k_precomp_vocab.pkl next to the data folder.
+    if layout == "scan":
+        root = write_tiny_dataset(tmp_path / "f30k_precomp", {"test": 2})
+    else:
+        root = write_tiny_dataset(tmp_path / "f30k" / "precomp", {"test": 2})
+    (root / "vocab.json").unlink()
+    pkl = write_vsepp_pickle(tmp_path / "vocab" / "f30k_precomp_vocab.pkl", ["<pad>", "<start>", "<end>", "<unk>", "a"])
+    assert find_vocab(root) == pkl
+    assert load_vocab(find_vocab(root))("a") == 4
+    save_vocab(load_vocab(pkl), tmp_path / "vocab" / "f30k_precomp_vocab.json")
+    assert find_vocab(root).suffix == ".json"  # the JSON, where both exist, as before
+
+
+def test_missing_vocabulary_hint_is_the_callers(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "nv", {"train": 2})
+    (root / "vocab.json").unlink()
+    with pytest.raises(DataError, match=r"itmatch data vocab .*nv` or pass --set data.vocab=PATH$"):
+        find_vocab(root)
+    with pytest.raises(DataError, match=r"--vocab PATH") as info:
+        find_vocab(root, hint=CHECKPOINT_VOCAB_HINT)
+    assert "--set" not in str(info.value) and "vocab.pkl" in str(info.value)

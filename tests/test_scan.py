@@ -121,3 +121,24 @@ def test_scan_trains_end_to_end(tiny_data: Path, tmp_path: Path, capsys) -> None
                  str(tmp_path / "run"), "--set", "model.embed_dim=16", "--set", "model.word_dim=8",
                  "--set", "data.batch_size=16", "--set", "train.epochs=1", "--test"])
     assert code == 0 and "rsum" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("norm", ["clipped", "no_norm"])
+def test_unnormalised_regions_score_finitely_like_upstreams_softmax(norm: str) -> None:
+    # no_imgnorm + a raw norm that does not bound the logits: upstream's nn.Softmax stays finite, so must we.
+    from tests.test_cross_attention import shifted_softmax_pair
+
+    torch.manual_seed(0)
+    cfg = ScanConfig(image_dim=8, embed_dim=16, word_dim=12, vocab_size=20, cross_attn="t2i", agg_func="Mean",
+                     raw_feature_norm=norm, no_imgnorm=True, lambda_softmax=9.0)
+    model = create_model(cfg).eval()
+    images = torch.rand(3, 5, 8) * 200.0  # raw detector features are large and un-normalised
+    captions = torch.randint(4, 20, (4, 6))
+    lengths = torch.tensor([6, 5, 3, 2])
+    with torch.no_grad():
+        img, txt = model.encode_image(images), model.encode_text(captions, lengths)
+        sims = model.similarity(img, txt)
+    assert torch.isfinite(sims).all()
+    want = torch.tensor([[shifted_softmax_pair(img.emb[i], txt.emb[c, : lengths[c]], model.xattn)
+                          for c in range(4)] for i in range(3)], dtype=torch.float64)
+    assert (sims.double() - want).abs().max().item() <= 1e-4

@@ -198,14 +198,14 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
               batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
-              cxc: str = "", dtype: str | None = None, budget_mb: float | None = None, box_compat: bool = False,
-              compat_batch_size: int = 64) -> dict:
+              cxc: str = "", dtype: str | None = None, budget_mb: float | None = None, box_compat: str = "",
+              compat_batch_size: int | None = None) -> dict:
     import torch
 
     from itmatch.checkpoints.loader import load_model
     from itmatch.data.precomp import resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
-    from itmatch.inference import compute_sims
+    from itmatch.inference import compute_fold_sims, compute_sims
     from itmatch.registry import list_models, method_spec
     from itmatch.train import open_split
 
@@ -226,11 +226,14 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
         if cxc:
             sims, cxc_results = _cxc(loaded.model, split_data, loaded.vocab, cxc, batch_size=batch_size,
                                      device=device, progress=progress)
-        else:
-            sims = compute_sims(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                                progress=progress, dtype=getattr(torch, dtype) if dtype else None,
-                                options={"box_compat": box_compat, "box_compat_batch": compat_batch_size,
-                                         "fold5": fold5} if box_compat else {"fold5": fold5})
+        else:  # with --fold5 only the five diagonal blocks, (5, n/5, n), are scored
+            options: dict = {"fold5": fold5}
+            if box_compat:
+                options |= {"box_compat": box_compat,
+                            "box_compat_batch": compat_batch_size or loaded.original_batch_size or 64}
+            scorer = compute_fold_sims if fold5 else compute_sims
+            sims = scorer(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
+                          progress=progress, dtype=getattr(torch, dtype) if dtype else None, options=options)
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -522,11 +525,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
     e.add_argument("--memory-budget", type=float, metavar="MB",
                    help="memory for cross-attention intermediates per tile (changes speed, never scores)")
-    e.add_argument("--box-compat", action="store_true",
-                   help="GSMN: score with the original's box geometry (cumulative in-place division, row aliasing, "
-                        "w/h swap of the release) to reproduce its numbers for its released checkpoints")
-    e.add_argument("--box-compat-batch", type=int, default=64, metavar="N",
-                   help="the original's eval batch size (opt.batch_size: 64 for F30K, 32 for COCO releases)")
+    e.add_argument("--box-compat", nargs="?", const="release", default="", choices=("release", "upstream"),
+                   help="GSMN: score with the original's box geometry (cumulative in-place division, row aliasing) "
+                        "to reproduce its numbers for its released checkpoints: 'release' (bare --box-compat) with "
+                        "the code they were released with (x / height, y / width), 'upstream' with today's data.py")
+    e.add_argument("--box-compat-batch", type=int, default=None, metavar="N",
+                   help="the original's eval batch size (default: the checkpoint's opt.batch_size, else 64; the "
+                        "releases: 64 for F30K, 32 for COCO)")
     e.set_defaults(run=_cmd_eval)
 
     d = sub.add_parser("data", help="create, check and convert datasets")

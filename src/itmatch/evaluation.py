@@ -76,10 +76,15 @@ def evaluate_sims(sims: np.ndarray, *, captions_per_image: int = 5, fold5: bool 
     """Full protocol on one similarity matrix: {"i2t": {...}, "t2i": {...}, "rsum": x[, "folds": [...]]}.
 
     With `fold5`, the images are split into five consecutive folds (1000 each for COCO `testall`), each fold is
-    evaluated against its own captions, and every metric is the mean over the folds. `curves` adds R@1..50
-    per direction (averaged over folds) for plots.
+    evaluated against its own captions, and every metric is the mean over the folds; `sims` is then the full
+    (n, 5n) matrix or only its five diagonal blocks, (5, n / 5, n) as `inference.compute_fold_sims` gives them.
+    `curves` adds R@1..50 per direction (averaged over folds) for plots.
     """
     sims = np.asarray(sims, dtype=np.float64)
+    if sims.ndim == 3:
+        if not fold5 or len(sims) != 5:
+            raise ValueError(f"a stack of blocks {sims.shape} is the 5-fold protocol's five diagonal blocks")
+        return _mean_over_folds(list(sims), captions_per_image, curves)
     if not fold5:
         ri, _ = i2t_ranks(sims, captions_per_image)
         rt, _ = t2i_ranks(sims, captions_per_image)
@@ -92,10 +97,15 @@ def evaluate_sims(sims: np.ndarray, *, captions_per_image: int = 5, fold5: bool 
     if n % 5:
         raise ValueError(f"5-fold evaluation needs a multiple of 5 images, got {n}")
     size = n // 5
-    folds = []
-    for f in range(5):
-        block = sims[f * size : (f + 1) * size, f * size * captions_per_image : (f + 1) * size * captions_per_image]
-        folds.append(evaluate_sims(block, captions_per_image=captions_per_image, curves=curves))
+    cpi = captions_per_image
+    blocks = [sims[f * size : (f + 1) * size, f * size * cpi : (f + 1) * size * cpi] for f in range(5)]
+    return _mean_over_folds(blocks, captions_per_image, curves)
+
+
+def _mean_over_folds(blocks: list[np.ndarray], captions_per_image: int, curves: bool) -> dict:
+    """Each fold's block evaluated on its own, every metric averaged over the folds."""
+    size = blocks[0].shape[0]
+    folds = [evaluate_sims(block, captions_per_image=captions_per_image, curves=curves) for block in blocks]
     i2t = {k: float(np.mean([fd["i2t"][k] for fd in folds])) for k in folds[0]["i2t"]}
     t2i = {k: float(np.mean([fd["t2i"][k] for fd in folds])) for k in folds[0]["t2i"]}
     out = {"i2t": i2t, "t2i": t2i, "rsum": _rsum(i2t, t2i), "n_images": size, "folds": folds}

@@ -120,3 +120,37 @@ def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: CaptionToken
     sims = similarity_matrix(model, images, texts, device=device, dtype=dtype)
     model.train(was_training)
     return sims
+
+
+def caption_rows(texts: Encoded, start: int, stop: int) -> Encoded:
+    """Captions start..stop-1 of an encoded gallery, padded or packed (packed ones are stored in order)."""
+    if texts.offsets is None:
+        return texts.rows(start, stop)
+    first = int(texts.offsets[start])
+    end = int(texts.offsets[stop - 1] + texts.lengths[stop - 1]) if stop > start else first
+    return Encoded(texts.emb[first:end], texts.lengths[start:stop], texts.offsets[start:stop] - first)
+
+
+def compute_fold_sims(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, folds: int = 5,
+                      batch_size: int = 128, device: torch.device | str = "cpu", progress: bool = False,
+                      dtype: torch.dtype | None = None, options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """(folds, n_images / folds, captions of a fold) float64: each fold's images scored against its own captions.
+
+    The 5-fold protocol (COCO 1K) only reads these diagonal blocks of the full matrix, so the other 4/5 of the
+    pairs are never scored. The split is encoded once, as a whole, so the scores equal the full matrix's blocks
+    (GSMN's `box_compat` rows depend on the whole split, as in the original's fold-5 evaluation).
+    """
+    n = split.n_images
+    if n % folds:
+        raise ValueError(f"{folds}-fold evaluation needs a multiple of {folds} images, got {n}")
+    was_training = model.training
+    model.eval()
+    images, texts = encode_split(model, split, vocab, batch_size=batch_size, device=device, progress=progress,
+                                 options={**(options or {}), "fold5": True})
+    size = n // folds
+    cpi = len(texts) // n
+    blocks = [similarity_matrix(model, images.rows(f * size, (f + 1) * size),
+                                caption_rows(texts, f * size * cpi, (f + 1) * size * cpi), device=device, dtype=dtype)
+              for f in range(folds)]
+    model.train(was_training)
+    return np.stack(blocks)

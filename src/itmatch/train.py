@@ -31,7 +31,7 @@ from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab
 from itmatch.data.vocab import load_vocab
 from itmatch.errors import ConfigError, DataError, TrainingError
 from itmatch.evaluation import evaluate_sims
-from itmatch.inference import compute_sims
+from itmatch.inference import compute_fold_sims, compute_sims
 from itmatch.method import SplitInputs
 from itmatch.models.base import RetrievalModel
 from itmatch.recipe import Recipe
@@ -177,7 +177,8 @@ def _rank_batches(batches: list[list[int]], info: distributed.DistInfo) -> list[
 def evaluate_model(model: RetrievalModel, split: PrecompSplit | ImageSplit, vocab: CaptionTokenizer, *,
                    batch_size: int = 128, device: torch.device | str = "cpu", fold5: bool = False) -> dict:
     """Encode a split and run the retrieval protocol on it."""
-    return evaluate_sims(compute_sims(model, split, vocab, batch_size=batch_size, device=device), fold5=fold5)
+    scorer = compute_fold_sims if fold5 else compute_sims  # fold-5: only the diagonal blocks are scored
+    return evaluate_sims(scorer(model, split, vocab, batch_size=batch_size, device=device), fold5=fold5)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int, lr_update: int,

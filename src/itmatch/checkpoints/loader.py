@@ -17,7 +17,7 @@ import torch
 
 from itmatch.checkpoints import native
 from itmatch.config import Config, DataConfig, config_from_dict
-from itmatch.data.precomp import find_vocab
+from itmatch.data.precomp import CHECKPOINT_VOCAB_HINT, find_vocab
 from itmatch.data.tokenizers import CaptionTokenizer
 from itmatch.data.vocab import Vocabulary, load_vocab
 from itmatch.errors import CheckpointError, DataError
@@ -41,6 +41,7 @@ class LoadedModel:
     config: Config
     vocab: CaptionTokenizer
     path: str
+    original_batch_size: int | None = None  # a release's opt.batch_size: the batch its original evaluated with
 
 
 class PretokenizedOnly:
@@ -120,11 +121,11 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
         pretokenized = provider is not None and provider.pretokenized  # GSMN: ids from precaps_stan.txt
         uses_vocab = spec.uses_vocab(model_cfg)
         if uses_vocab and not vocab and data_root is not None and not pretokenized:
-            vocab = str(find_vocab(data_root))
+            vocab = str(find_vocab(data_root, hint=CHECKPOINT_VOCAB_HINT))
         if not uses_vocab and not bert_path:
             raise CheckpointError(f"{path}: a {name} BERT model needs --bert-path DIR (BERT config and vocab.txt)")
         if uses_vocab and not vocab and not pretokenized:
-            raise CheckpointError(f"{path}: a {name} word-vocabulary model needs --vocab VOCAB.json (its vocabulary)")
+            raise CheckpointError(f"{path}: a {name} word-vocabulary model needs --vocab PATH (.json or .pkl)")
         if pretokenized and not vocab:
             tokenizer: CaptionTokenizer = PretokenizedOnly(model_cfg.vocab_size)
         else:
@@ -143,4 +144,6 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
     model = create_model(cfg.model, device=device)
     load_state_strict(model, state, str(path))
     model.eval()
-    return LoadedModel(model, cfg, tokenizer, str(path))
+    opt = None if native.is_native(ckpt) else ckpt.get("opt")
+    batch = getattr(opt, "batch_size", None)
+    return LoadedModel(model, cfg, tokenizer, str(path), int(batch) if isinstance(batch, int) else None)

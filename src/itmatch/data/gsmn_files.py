@@ -284,19 +284,29 @@ def write_dependencies(captions_path: Path, out: Path, *, progress: bool = False
     return len(deps)
 
 
+BOX_COMPAT = ("release", "upstream")  # the code the checkpoints were released with; upstream after dcc0f61
+
+
 def split_inputs(split: PrecompSplit, *, rows: Sequence[int] | None = None, depends: bool = False,
-                 precaps: bool = False, box_compat: bool = False, compat_batch_size: int = 64,
+                 precaps: bool = False, box_compat: str | bool = "", compat_batch_size: int = 64,
                  fold5: bool = False) -> dict[str, Any]:
     """GSMN's files for a split: `boxes` (one row per entry of `rows`, default every feature row), `depends`
     (with `depends`: per caption, from `{split}_caps.json`) and `tokens` (with `precaps`: per caption, the ids of
-    `{split}_precaps_stan.txt`)."""
+    `{split}_precaps_stan.txt`).
+
+    `box_compat` "release" (or True) gives the boxes as the original's evaluation computed them with the code of
+    the release (x / height, y / width), "upstream" as today's upstream `data.py` does (x / width, y / height,
+    fixed in commit dcc0f61; the in-place repeated division is still there); "" the correct geometry."""
     out: dict[str, Any] = {}
     n_rows = len(split.images)
     if box_compat:
+        variant = "release" if box_compat is True else box_compat
+        if variant not in BOX_COMPAT:
+            raise DataError(f"unknown box-compat variant {variant!r}; expected one of {', '.join(BOX_COMPAT)}")
         if split.im_div != CAPTIONS_PER_IMAGE:
             raise DataError("--box-compat reproduces the original's 5-captions-per-image loader only")
         boxes = split_boxes(split.root, split.split, split.n_images, box_compat=True,
-                            batch_size=compat_batch_size, fold5=fold5)
+                            batch_size=compat_batch_size, fold5=fold5, swap_wh=variant == "release")
         if rows is not None and list(rows) != [split.image_of(CAPTIONS_PER_IMAGE * i) for i in range(len(boxes))]:
             raise DataError("--box-compat needs the images of the split in caption order")
         out["boxes"] = boxes

@@ -37,22 +37,32 @@ def resolve_root(path: str | os.PathLike, split: str = "train") -> Path:
     )
 
 
-def find_vocab(root: Path, explicit: str = "") -> Path:
-    """Locate the vocabulary JSON for a dataset directory (explicit path, or the originals' places)."""
+TRAIN_VOCAB_HINT = "build one with `itmatch data vocab {root}` or pass --set data.vocab=PATH"
+CHECKPOINT_VOCAB_HINT = (
+    "pass the vocabulary the checkpoint was trained with as --vocab PATH (its .json or the original's .pkl; "
+    "one built by `itmatch data vocab` has other ids)"
+)
+
+
+def find_vocab(root: Path, explicit: str = "", *, hint: str = TRAIN_VOCAB_HINT) -> Path:
+    """Locate the vocabulary of a dataset directory: `explicit`, or the originals' places, each as SCAN's JSON
+    or VSE++'s pickle (`.pkl`, also shipped with the VSRN releases). `hint` ends the error message with what
+    works for the calling command (`{root}` is filled in)."""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise DataError(f"vocabulary file not found: {path}")
         return path
-    candidates = [root / "vocab.json", root.parent / "vocab" / f"{root.name}_vocab.json"]
+    stems = [root / "vocab", root.parent / "vocab" / f"{root.name}_vocab"]
     if root.name == "precomp":  # VSE-infinity: data/f30k/precomp -> data/vocab/f30k_precomp_vocab.json
-        candidates.append(root.parent.parent / "vocab" / f"{root.parent.name}_precomp_vocab.json")
+        stems.append(root.parent.parent / "vocab" / f"{root.parent.name}_precomp_vocab")
+    candidates = [stem.with_name(stem.name + ext) for stem in stems for ext in (".json", ".pkl")]
     for path in candidates:
         if path.is_file():
             return path
     raise DataError(
         f"no vocabulary found for {root} (looked for {', '.join(str(c) for c in candidates)}); "
-        f"build one with `itmatch data vocab {root}` or pass --set data.vocab=PATH"
+        + hint.format(root=root)
     )
 
 

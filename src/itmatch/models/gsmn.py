@@ -271,10 +271,10 @@ class GsmnInputs:
         from itmatch.data.gsmn_files import split_inputs
 
         opts = dict(options or {})
-        compat = opts.get("box_compat") or False
+        compat = opts.get("box_compat") or ""
         found = split_inputs(split, rows=rows, depends=self.cfg.sparse and captions,
                              precaps=self.pretokenized and captions,
-                             box_compat=bool(compat), compat_batch_size=int(opts.get("box_compat_batch") or 64),
+                             box_compat=compat, compat_batch_size=int(opts.get("box_compat_batch") or 64),
                              fold5=bool(opts.get("fold5", False)))
         return SplitInputs(images={"boxes": found["boxes"]},
                            captions={"depends": found["depends"]} if "depends" in found else {},

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 Direction = Literal["t2i", "i2t"]
 RawNorm = Literal["clipped_l2norm", "l2norm", "clipped", "no_norm", "softmax", "l1norm", "clipped_l1norm"]
 Aggregation = Literal["LogSumExp", "Mean", "Max", "Sum"]
+UNBOUNDED_NORMS = ("clipped", "no_norm")  # raw norms that leave the softmax logits unbounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +98,17 @@ def _attend(dots: torch.Tensor, context: torch.Tensor, query_norm: torch.Tensor,
     inplace = not (torch.is_grad_enabled() and (dots.requires_grad or context.requires_grad))
     b, s, x, q = dots.shape
     w = _raw_norm(dots, cfg.raw_feature_norm, qmask, cfg.eps, inplace)
-    # softmax over the context axis S; logits are bounded (|.| <= lambda_softmax), so exp needs no shift
-    w = w.mul_(cfg.lambda_softmax).exp_() if inplace else torch.exp(w * cfg.lambda_softmax)
+    # softmax over the context axis S. After an l1/l2 norm or a softmax the logits are bounded
+    # (|.| <= lambda_softmax) and exp needs no shift; `clipped` and `no_norm` leave them unbounded (un-normalised
+    # features, `no_imgnorm`), so the maximum over the valid context items is subtracted, as nn.Softmax does.
+    if cfg.raw_feature_norm in UNBOUNDED_NORMS:
+        w = w.mul_(cfg.lambda_softmax) if inplace else w * cfg.lambda_softmax  # w is a fresh tensor
+        if cmask is not None:  # padded context items get exp(-inf) = 0, not exp(-shift) * 0 (inf * 0 = nan)
+            w = w.masked_fill_(cmask == 0, float("-inf")) if inplace else w.masked_fill(cmask == 0, float("-inf"))
+        shift = w.amax(1, keepdim=True)
+        w = w.sub_(shift).exp_() if inplace else torch.exp(w - shift)
+    else:
+        w = w.mul_(cfg.lambda_softmax).exp_() if inplace else torch.exp(w * cfg.lambda_softmax)
     if cmask is not None:
         w = w.mul_(cmask) if inplace else w * cmask
     denom = w.sum(1, keepdim=True)
