@@ -36,7 +36,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def run_row(label: str, preset: str, sets: list[str], data: Path, runs: Path) -> dict:
-    from itmatch.cli import _evaluate
+    from itmatch.api import evaluate
     from itmatch.config import load_preset
     from itmatch.train import BEST, fit
 
@@ -56,7 +56,7 @@ def run_row(label: str, preset: str, sets: list[str], data: Path, runs: Path) ->
         row = json.loads(cached.read_text())
         if row.get("preset") == preset and row.get("sets") == sets:
             return row  # evaluated after its best checkpoint was written: nothing to redo
-    results = _evaluate([str(out / BEST)], data=str(data), split="test", fold5=False, progress=False)
+    results = evaluate(out / BEST, data, split="test").results
     results.pop("curve", None)
     row = {"label": label, "preset": preset, "sets": sets, "train_seconds": summary["train_seconds"],
            "epochs": summary["epochs"], **results}

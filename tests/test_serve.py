@@ -296,12 +296,13 @@ def test_cli_errors_are_one_line(capsys, tmp_path: Path, indexes: dict[str, Path
 
 
 def test_the_demo_prints_serve_commands_that_work(capsys, synth_data: Path, indexes, tmp_path: Path) -> None:
-    from itmatch.cli import _parser, serve_commands
+    from itmatch.cli import build_parser
+    from itmatch.cli.demo import serve_commands
 
     lines = serve_commands(indexes["vsepp"], synth_data, tmp_path)
     for line in lines[:2]:
         assert run_cli(capsys, *shlex.split(line)[1:])[0] == 0
-    args = _parser().parse_args(shlex.split(lines[2])[1:])
+    args = build_parser().parse_args(shlex.split(lines[2])[1:])
     assert args.index == [str(tmp_path / "index_images"), str(tmp_path / "index_captions")] and args.port == 8000
     svc = RetrievalService.open(args.index)
     assert svc.images is not None and svc.captions is not None

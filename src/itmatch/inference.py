@@ -17,7 +17,7 @@ from itmatch.models.base import Encoded, RetrievalModel
 from itmatch.registry import method_spec
 
 
-def _cat(parts: list[Encoded]) -> Encoded:
+def concat_encoded(parts: list[Encoded]) -> Encoded:
     """Concatenate encoder outputs; per-word features with lengths are packed (no padding kept)."""
     if parts[0].emb.ndim == 2:
         return Encoded(torch.cat([p.emb for p in parts]))
@@ -50,7 +50,7 @@ def encode_images(model: RetrievalModel, split: PrecompSplit, *, batch_size: int
                  for k, v in (inputs or {}).items()}
         parts.append(model.encode_image(feats.to(device), **extra).to("cpu"))
     split.images.release()
-    return _cat(parts)
+    return concat_encoded(parts)
 
 
 @torch.inference_mode()
@@ -64,7 +64,7 @@ def encode_captions(model: RetrievalModel, tokens: Sequence[list[int]], *, batch
         captions, lengths = pad_captions(list(tokens[start : start + batch_size]))
         extra = {k: v[start : start + batch_size] for k, v in (inputs or {}).items()}
         parts.append(model.encode_text(captions.to(device), lengths, **extra).to("cpu"))
-    return _cat(parts)
+    return concat_encoded(parts)
 
 
 @torch.inference_mode()

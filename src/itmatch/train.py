@@ -404,4 +404,4 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
         writer.close()
     total = seconds_before + time.perf_counter() - started
     return {"out_dir": str(out), "epochs": state.epoch, "steps": state.global_step, "best_score": state.best_score,
-            "best_epoch": state.best_epoch, "train_seconds": total, "history": history}
+            "best_epoch": state.best_epoch, "train_seconds": total, "history": history, "config": cfg}

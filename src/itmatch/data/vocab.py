@@ -240,3 +240,15 @@ def load_vocab(path: PathLike) -> Vocabulary:
     if path.suffix.lower() == ".json" or data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"["):
         return _load_json(data, path)
     return _load_pickle(data, path)
+
+
+def write_vocab(root: str | os.PathLike, threshold: int = 4, out: str | os.PathLike | None = None) -> int:
+    """Build the vocabulary of a dataset directory from its train + dev captions (words seen `threshold` times,
+    as the originals) and save it as `vocab.json` next to them (or `out`); returns its size."""
+    from itmatch.data.precomp import resolve_root
+
+    split_root = resolve_root(root, "train")
+    files = [split_root / f"{s}_caps.txt" for s in ("train", "dev") if (split_root / f"{s}_caps.txt").is_file()]
+    vocab = vocab_from_captions_files(files, threshold=threshold)
+    save_vocab(vocab, out or split_root / "vocab.json")
+    return len(vocab)

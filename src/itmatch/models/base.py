@@ -37,6 +37,21 @@ class Encoded:
         offsets = None if self.offsets is None else self.offsets.to(device)
         return Encoded(self.emb.to(device, dtype), lengths, offsets)
 
+    def padded(self) -> Encoded:
+        """Per-item features as (N, L, D) zero-padded with lengths (a no-op unless packed): a method's
+        `similarity` may receive packed caption galleries at evaluation and can pad them with this."""
+        if self.offsets is None:
+            return self
+        assert self.lengths is not None
+        lengths = self.lengths.to(torch.long)
+        width = int(lengths.max()) if len(lengths) else 0
+        out = self.emb.new_zeros(len(lengths), width, self.emb.shape[-1])
+        keep = torch.arange(width, device=self.emb.device)[None, :] < lengths.to(self.emb.device)[:, None]
+        index = (self.offsets.to(torch.long).to(self.emb.device)[:, None]
+                 + torch.arange(width, device=self.emb.device)[None, :])[keep]
+        out[keep] = self.emb[index]
+        return Encoded(out, self.lengths)
+
     def packed(self) -> Encoded:
         """Per-item features without padding (no-op for pooled or already packed features)."""
         if self.offsets is not None or self.lengths is None or self.emb.ndim != 3:
