@@ -148,6 +148,13 @@ class Dataset:
         ids = self.features.ids
         return [ids[r] if ids else r for r in rows]
 
+    def image_features(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Features of the distinct images start..stop-1 (evaluation order), e.g. for `Matcher.encode_images`."""
+        from itmatch.inference import image_rows
+
+        rows = image_rows(self.features)[start:stop]
+        return np.asarray(self.features.images[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+
     @property
     def caption_ids(self) -> list[int]:
         """Caption numbers (line numbers of `{split}_caps.txt`, from 0)."""
