@@ -2,7 +2,7 @@
 
 A method is one module (`itmatch/models/<name>.py`, or a plugin's own file) that ends with
 
-    SPEC = register_method(MethodSpec(name="scan", config=ScanConfig, build=build, recipe=ScanRecipe, ...))
+    SPEC = register_method(MethodSpec(name="my_method", config=MyConfig, build=build, recipe=MyRecipe, ...))
 
 Training, evaluation, checkpoint loading, search, serving and the CLI read the spec and never branch on a method's
 name or on its config fields. The spec says:
@@ -106,17 +106,21 @@ def complete_sizes(model_cfg: Any, *, image_dim: int | None, vocab_size: int | N
 
 
 def feature_dim(model_cfg: Any) -> int | None:
-    """The feature size a config reads (its `image_dim` when set), the default of `MethodSpec.feature_dim`."""
-    return getattr(model_cfg, "image_dim", None) or None
+    """The feature size a config reads (its `image_dim` field when it has one and it is set), the default of
+    `MethodSpec.feature_dim`."""
+    if "image_dim" not in {f.name for f in dataclasses.fields(model_cfg)}:
+        return None
+    return model_cfg.image_dim or None
 
 
-def vocabulary_tokenizer(model_cfg: Any, vocab: Any) -> Any:
-    """A word-vocabulary tokenizer, extended by the config class's `extra_tokens` (e.g. VSE-infinity's <mask>)."""
+def vocabulary_tokenizer(model_cfg: Any, vocab: Any, extra_tokens: Sequence[str] = ()) -> Any:
+    """The dataset's word vocabulary as the tokenizer, extended by the tokens a method appends (`extra_tokens`,
+    e.g. VSE-infinity's <mask>); the default of `MethodSpec.tokenizer`."""
     from itmatch.data.tokenizers import extended_vocabulary
 
     if vocab is None:
         raise ConfigError(f"model {model_cfg.name!r} needs a word vocabulary (pass --vocab or --set data.vocab=PATH)")
-    return extended_vocabulary(vocab, getattr(type(model_cfg), "extra_tokens", ()))
+    return extended_vocabulary(vocab, tuple(extra_tokens))
 
 
 @dataclass(frozen=True)

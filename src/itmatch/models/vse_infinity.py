@@ -17,7 +17,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -62,9 +62,6 @@ class VseInfinityConfig:
     backbone_lr_factor: float = 0.01  # backbone lr = lr * this
     embedding_warmup_epochs: int = 2  # epochs with the whole backbone frozen (upstream default 2, scripts 1)
     backbone_warmup_epochs: int = 5  # then layer4, +layer3, +layer2, everything, each for this many epochs
-
-    # The bigru branch appends <mask> to the loaded vocabulary (vocab_size = words in the JSON + 1).
-    extra_tokens: ClassVar[tuple[str, ...]] = ("<mask>",)
 
 
 class RegionEncoder(nn.Module):
@@ -380,7 +377,8 @@ def _tokenizer(cfg: VseInfinityConfig, vocab: Any) -> Any:
         from itmatch.data.wordpiece import WordpieceTokenizer
 
         return WordpieceTokenizer(cfg.bert_path)
-    return vocabulary_tokenizer(cfg, vocab)
+    # The bigru branch appends <mask> to the loaded vocabulary (vocab_size = words in the JSON + 1).
+    return vocabulary_tokenizer(cfg, vocab, ("<mask>",))
 
 
 def _release_data(official: Mapping[str, Any], cfg: VseInfinityConfig) -> dict[str, Any]:
