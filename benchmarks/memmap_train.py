@@ -58,7 +58,7 @@ def main() -> int:
 
     from itmatch.cli import main as cli_main
     from itmatch.config import load_preset
-    from itmatch.train import fit
+    from itmatch.training import fit
 
     root = Path(args.dir) / "f30k_precomp"
     if not (root / "train_ims.npy").is_file():

@@ -38,7 +38,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 def run_row(label: str, preset: str, sets: list[str], data: Path, runs: Path) -> dict:
     from itmatch.api import evaluate
     from itmatch.config import load_preset
-    from itmatch.train import BEST, fit
+    from itmatch.training import BEST, fit
 
     slug = label.lower().replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("+", "p")
     out = runs / slug

@@ -86,7 +86,7 @@ def crash_and_resume(cfg, root: Path, crash_at: int) -> tuple[dict, dict, dict]:
     import torch
 
     from itmatch.checkpoints import native
-    from itmatch.train import CHECKPOINT, fit
+    from itmatch.training import CHECKPOINT, fit
 
     class Crash(Exception):
         pass

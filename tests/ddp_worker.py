@@ -31,7 +31,7 @@ def grads(data: str, out_file: str) -> None:
 
     from itmatch import distributed
     from itmatch.data.precomp import CaptionDataset
-    from itmatch.train import _TrainingLoss, build_model, build_recipe, epoch_batches, resolve_config
+    from itmatch.training import _TrainingLoss, build_model, build_recipe, epoch_batches, resolve_config
 
     info, device = distributed.setup("cpu")
     cfg, split, tokenizer = resolve_config(tiny_config(data))
@@ -52,7 +52,7 @@ def grads(data: str, out_file: str) -> None:
 
 def fit_run(data: str, out_dir: str, log: str, crash_at: int, resume: bool) -> None:
     from itmatch.checkpoints import native
-    from itmatch.train import fit
+    from itmatch.training import fit
 
     save = native.save
     rank = os.environ["RANK"]

@@ -43,7 +43,7 @@ def test_two_processes_give_the_loss_and_gradients_of_one_process_on_the_global_
         tiny_data: Path, tmp_path: Path) -> None:
     """Hardest negatives are mined over the concatenated batch (a per-rank loss would differ)."""
     from itmatch.data.precomp import CaptionDataset
-    from itmatch.train import build_model, build_recipe, resolve_config
+    from itmatch.training import build_model, build_recipe, resolve_config
     from tests.ddp_worker import tiny_config
 
     torchrun("grads", str(tiny_data), str(tmp_path / "ddp.pt"))
@@ -66,7 +66,7 @@ def test_two_processes_give_the_loss_and_gradients_of_one_process_on_the_global_
 def test_torchrun_training_writes_from_rank_0_only_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
     """A 2-process run crashes mid-epoch, resumes under torchrun, and ends where one process ends."""
     from itmatch.checkpoints import native
-    from itmatch.train import BEST, CHECKPOINT, fit
+    from itmatch.training import BEST, CHECKPOINT, fit
     from tests.ddp_worker import tiny_config
 
     run, log = tmp_path / "run", tmp_path / "writes.log"
@@ -99,7 +99,7 @@ def test_only_dot_product_models_mine_negatives_over_the_global_batch(tiny_bert:
 
 def test_bf16_autocast_trains_and_fp16_needs_a_gpu(tiny_data: Path, tmp_path: Path) -> None:
     from itmatch.errors import ConfigError
-    from itmatch.train import fit
+    from itmatch.training import fit
     from tests.ddp_worker import tiny_config
 
     summary = fit(tiny_config(str(tiny_data), "train.amp=\"bf16\"", "train.max_steps=3"), tmp_path / "bf16")

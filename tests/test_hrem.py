@@ -21,7 +21,7 @@ from itmatch.modules.instance_graph import fragment_match, top_fraction
 from itmatch.modules.pooling import masked_mean_pool, topk_mean_pool
 from itmatch.modules.transformer import post_norm_encoder
 from itmatch.registry import create_model
-from itmatch.train import CHECKPOINT, _set_lr, fit
+from itmatch.training import CHECKPOINT, _set_lr, fit
 from tests.conftest import crash_and_resume, training_recipe
 from tests.test_models import IMAGE_DIM, tiny_batch
 
@@ -520,7 +520,7 @@ def test_training_passes_the_image_ids_to_the_loss(tiny_data: Path, tiny_bert: P
 def test_selecting_on_the_test_split_is_explicit_and_warned(tiny_data: Path, tiny_bert: Path, tmp_path: Path,
                                                             caplog) -> None:
     assert small(tiny_data, tiny_bert).data.val_split == "dev"
-    with caplog.at_level("WARNING", logger="itmatch.train"):
+    with caplog.at_level("WARNING", logger="itmatch.training"):
         fit(small(tiny_data, tiny_bert, "train.max_steps=1", 'data.val_split="test"'), tmp_path / "run")
     assert "model selection on the test split" in caplog.text
 

@@ -69,7 +69,7 @@ def _preset(name: str, data: Path, bert: Path):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_training_trajectory_and_similarities_are_pinned(name: str, pin_data: Path, tiny_bert: Path,
                                                           tmp_path: Path) -> None:
-    from itmatch.train import fit
+    from itmatch.training import fit
 
     cfg = _preset(name, pin_data, tiny_bert)
     steps: list[dict] = []
@@ -80,7 +80,7 @@ def test_training_trajectory_and_similarities_are_pinned(name: str, pin_data: Pa
 
     from itmatch.checkpoints.loader import load_model
     from itmatch.inference import compute_sims
-    from itmatch.train import open_split
+    from itmatch.training import open_split
 
     loaded = load_model(tmp_path / "run" / "model_best.pt")
     split = open_split(loaded.config, Path(loaded.config.data.path), "test")

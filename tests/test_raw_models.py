@@ -136,7 +136,7 @@ def test_train_and_evaluate_on_rendered_scenes(preset: str, rendered: Path, tmp_
 
 def test_source_and_backbone_must_agree(rendered: Path, tmp_path: Path) -> None:
     from itmatch.errors import ConfigError
-    from itmatch.train import fit
+    from itmatch.training import fit
 
     cfg = load_preset("vse_infinity_synth_grid", [f"data.path={json.dumps(str(rendered))}", "data.source='features'"])
     with pytest.raises(ConfigError, match="data.source=images"):

@@ -48,7 +48,7 @@ def artifacts_dir() -> Path:
 def site(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A VSE++ trained for ~10 s on the small synthetic dataset, its two indexes, and a (random) SCAN re-ranker."""
     from itmatch.config import load_preset
-    from itmatch.train import BEST, fit
+    from itmatch.training import BEST, fit
 
     root = tmp_path_factory.mktemp("site")
     cfg = load_preset("vsepp_synth", [f"data.path={json.dumps(str(synth_data))}", "model.embed_dim=64",

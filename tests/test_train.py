@@ -14,7 +14,7 @@ import torch
 from itmatch.checkpoints import native
 from itmatch.config import load_preset
 from itmatch.errors import CheckpointError, ConfigError, TrainingError
-from itmatch.train import BEST, CHECKPOINT, fit
+from itmatch.training import BEST, CHECKPOINT, fit
 from tests.conftest import crash_and_resume
 
 SMALL = ["model.embed_dim=16", "model.word_dim=8", "data.batch_size=16", "train.epochs=3", "train.lr_update=2",

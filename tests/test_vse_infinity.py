@@ -21,7 +21,7 @@ from itmatch.losses import hinge_loss
 from itmatch.models.vse_infinity import VseInfinityConfig
 from itmatch.modules.norm import l2norm
 from itmatch.registry import create_model
-from itmatch.train import CHECKPOINT, _set_lr, fit
+from itmatch.training import CHECKPOINT, _set_lr, fit
 from tests.conftest import crash_and_resume, training_recipe
 from tests.test_models import IMAGE_DIM, tiny_batch
 

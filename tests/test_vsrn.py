@@ -199,7 +199,7 @@ SMALL = ["model.embed_dim=12", "model.caption_hidden=6", "model.word_dim=5", "da
 
 
 def test_mid_epoch_validations_select_the_best_model(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
-    import itmatch.train as train_mod
+    import itmatch.training as train_mod
     from itmatch.checkpoints import native
 
     scores = iter([5.0, 40.0, 7.0, 9.0])  # steps 2, 4, 6 and the epoch end

@@ -229,7 +229,7 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
     from itmatch.inference import compute_fold_sims, compute_sims
     from itmatch.registry import list_models, method_spec
-    from itmatch.train import open_split
+    from itmatch.training import open_split
 
     if protocol not in ("all", "fold5"):
         raise ConfigError(f"protocol must be 'all' or 'fold5', got {protocol!r}")
@@ -308,7 +308,7 @@ def train(preset_or_config: str | os.PathLike | Any, out: str | os.PathLike, *, 
     `overrides` are `section.key=value` strings as `itmatch train --set`; `data` sets `data.path`. With `resume`
     the run in `out` continues from its last checkpoint (bit-identically on CPU). Returns the run's summary."""
     from itmatch.config import Config, config_from_dict, load_preset
-    from itmatch.train import CHECKPOINT, fit
+    from itmatch.training import CHECKPOINT, fit
 
     extra = list(overrides) + ([f"data.path={json.dumps(str(data))}"] if data is not None else [])
     if resume:

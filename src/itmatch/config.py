@@ -7,6 +7,7 @@ ill-typed values are errors that name the key and the file; the resolved configu
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,41 @@ import tomllib
 from itmatch.errors import ConfigError
 
 
+def bounded(default: Any, *, gt: float | None = None, ge: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A config field with a range, checked whenever a config is built (`strict`); floats are always finite."""
+    limits = {k: v for k, v in (("gt", gt), ("ge", ge), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"range": limits})
+
+
+def positive(default: Any) -> Any:
+    """A field that must be > 0 (sizes, counts, rates)."""
+    return bounded(default, gt=0)
+
+
+def non_negative(default: Any) -> Any:
+    """A field that must be >= 0 (0 usually meaning off)."""
+    return bounded(default, ge=0)
+
+
+_RANGE_WORDS = {"gt": "> {}", "ge": ">= {}", "le": "<= {}", "lt": "< {}"}
+
+
+def check_range(value: Any, limits: dict[str, float], where: str) -> None:
+    """One line naming the key, the value and the allowed range when `value` is outside it (or not finite)."""
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{where}: {item!r} is not a finite number")
+        if not isinstance(item, int | float) or isinstance(item, bool):
+            continue
+        ok = all({"gt": item > bound, "ge": item >= bound, "le": item <= bound, "lt": item < bound}[op]
+                 for op, bound in limits.items())
+        if not ok:
+            allowed = " and ".join(_RANGE_WORDS[op].format(bound) for op, bound in limits.items())
+            raise ConfigError(f"{where}: {item!r} is out of range; it must be {allowed}")
+
+
 @dataclass(frozen=True, slots=True)
 class DataConfig:
     path: str = ""  # directory with {split}_ims.npy (SCAN) or its parent with precomp/ (VSE-infinity)
@@ -26,33 +62,34 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "dev"
     test_split: str = "test"
-    batch_size: int = 128
-    workers: int = 0  # the originals never pass num_workers to the precomp loader
+    batch_size: int = positive(128)
+    workers: int = non_negative(0)  # the originals never pass num_workers to the precomp loader
     shuffle_captions: bool = False  # control experiment: pair training captions with random images
-    train_images: int = 0  # train on the first N images of the training split only (0 = all); quick CPU runs
+    train_images: int = non_negative(0)  # train on the first N images of the train split only (0 = all); quick runs
     source: Literal["features", "images"] = "features"  # images: raw images via id_mapping.json (grid/CNN models)
-    image_dir: str = ""  # raw images: directory of the id_mapping.json paths ("" = DATA/flickr30k-images or images)
-    input_scale_factor: float = 1.0  # raw images: side int(256 * this) (VSE-infinity grid scripts: 2.0 -> 512)
+    image_dir: str = ""  # raw images: directory of the id_mapping.json paths ("" = DATA/flickr30k-images, images)
+    input_scale_factor: float = positive(1.0)  # raw images: side int(256 * this) (VSE-inf. grid scripts: 2.0 -> 512)
     skip_bad_images: bool = False  # raw images: drop pairs with unreadable images from training batches
 
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
-    epochs: int = 30
-    lr: float = 2e-4
-    lr_update: int = 15  # lr = lr0 * 0.1 ** (epoch // lr_update), set at the start of each epoch
-    lr_milestones: tuple[int, ...] = ()  # if given, lr x0.1 at each of these epochs instead (HREM: 15, 25)
+    epochs: int = positive(30)
+    lr: float = positive(2e-4)
+    lr_update: int = non_negative(15)  # lr = lr0 * 0.1 ** (epoch // lr_update), set at the start of each epoch
+    lr_milestones: tuple[int, ...] = non_negative(())  # if given, lr x0.1 at each of these epochs (HREM: 15, 25)
     grad_clip: float = 2.0  # total-norm clip; <= 0 disables
-    margin: float = 0.2
+    margin: float = non_negative(0.2)
     max_violation: bool = True  # VSE++ hardest negative; False = VSE0 sum of violations
     seed: int = 0
-    val_every: int = 0  # extra dev evaluations every N steps (logged only unless val_selects); 0 = epoch ends only
+    val_every: int = non_negative(0)  # extra dev evaluations every N steps (logged unless val_selects); 0 = epoch ends
     val_selects: bool = False  # the val_every evaluations also select model_best (VSRN's train.py does)
-    save_every: int = 0  # resumable checkpoint every N steps; 0 = epoch ends only
-    log_every: int = 10
-    max_steps: int = 0  # stop after this many steps in total (0 = no limit); for smoke runs
-    region_drop: float = 0.0  # training: drop each region with this probability (VSE-infinity: 0.2)
-    word_noise: float = 0.0  # training: select words with this probability to mask/replace/delete (VSE-inf.: 0.2)
+    save_every: int = non_negative(0)  # resumable checkpoint every N steps; 0 = epoch ends only
+    log_every: int = positive(10)
+    max_steps: int = non_negative(0)  # stop after this many steps in total (0 = no limit); for smoke runs
+    region_drop: float = bounded(0.0, ge=0, lt=1)  # training: drop each region with this probability (VSE-inf.: 0.2)
+    # training: select words with this probability to mask/replace/delete (VSE-infinity: 0.2)
+    word_noise: float = bounded(0.0, ge=0, le=1)
     device: str = "cpu"  # under torchrun, "cuda" gives each rank the GPU of its LOCAL_RANK
     amp: Literal["", "bf16", "fp16"] = ""  # autocast mixed precision ("" = float32); fp16 (with loss scaling) on GPU
 
@@ -119,6 +156,10 @@ def strict(cls: type, table: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
     values = {k: _coerce(v, hints[k], f"{where}: key {k!r}") for k, v in table.items()}
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name, f.default)
+        if value is not dataclasses.MISSING:
+            check_range(value, f.metadata.get("range", {}), f"{where}: key {f.name!r}")
     return cls(**values)
 
 

@@ -1,7 +1,7 @@
 """How a method trains, kept apart from its `nn.Module`: loss, negative schedule and warm-ups, optimizer groups,
 selection criterion and training-only modules and state.
 
-The training loop (`itmatch.train`) builds one `Recipe` per run from the method's spec, right after the model (so
+The training loop (`itmatch.training`) builds one `Recipe` per run from the method's spec, right after the model (so
 training-only modules draw their initial weights after the model's, as the originals), and calls it; models only
 encode and score. `gather` is the loop's all-gather for torchrun: a dot-product method mines negatives over the
 global batch by gathering its pooled embeddings (identity in one process).

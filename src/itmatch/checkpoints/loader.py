@@ -12,15 +12,17 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from itmatch.checkpoints import native
-from itmatch.config import Config, DataConfig, config_from_dict
+from itmatch.config import Config, DataConfig, config_from_dict, strict
 from itmatch.data.precomp import CHECKPOINT_VOCAB_HINT, find_vocab
 from itmatch.data.tokenizers import CaptionTokenizer
 from itmatch.data.vocab import Vocabulary, load_vocab
-from itmatch.errors import CheckpointError, DataError
+from itmatch.device import check_device
+from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import RetrievalModel
 from itmatch.registry import METHODS, create_model, list_models, method_spec
@@ -84,6 +86,10 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=True)
 
 
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", vocab: str = "",
                bert_path: str = "", data_root: Path | None = None,
                memory_budget_mb: float | None = None) -> LoadedModel:
@@ -94,6 +100,7 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
     weights come from the checkpoint); `bert_path` also relocates a native BERT model. `memory_budget_mb` sets the
     scoring tiles' memory of methods that have one (speed only).
     """
+    check_device(str(device))
     ckpt = native.read(path, allow=OFFICIAL_GLOBALS)
     if native.is_native(ckpt):
         try:
@@ -115,7 +122,15 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
             )
         spec, importer = found
         name = spec.name
-        model_cfg, state = importer.convert(ckpt)
+        try:
+            model_cfg, state = importer.convert(ckpt)
+            # the release's options, checked as a preset's would be (types and ranges)
+            model_cfg = strict(spec.config, {f.name: _plain(getattr(model_cfg, f.name))
+                                             for f in dataclasses.fields(model_cfg)}, "options")
+        except CheckpointError:
+            raise
+        except (ConfigError, ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+            raise CheckpointError(f"{path}: not a usable {name} release ({str(err).splitlines()[0][:200]})") from None
         model_cfg = spec.relocate(model_cfg, bert_path=bert_path)
         provider = spec.inputs(model_cfg)
         pretokenized = provider is not None and provider.pretokenized  # GSMN: ids from precaps_stan.txt

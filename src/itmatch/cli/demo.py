@@ -17,7 +17,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from itmatch.data.vocab import write_vocab
     from itmatch.evaluation import format_table
     from itmatch.report import plot_recall_curves, write_json
-    from itmatch.train import BEST, fit
+    from itmatch.training import BEST, fit
 
     out, data = Path(args.out), Path(args.data)
     show = progress(args)
@@ -58,7 +58,7 @@ def _demo_raw(data: Path, out: Path, args: argparse.Namespace) -> None:
     from itmatch.data.synthetic import generate
     from itmatch.evaluation import format_table
     from itmatch.report import write_json
-    from itmatch.train import BEST, fit
+    from itmatch.training import BEST, fit
 
     show = progress(args)
     if not (data / "id_mapping.json").is_file():

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from itmatch.config import non_negative, positive
 from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.method import Importer, MethodSpec, SplitInputs
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
@@ -53,24 +54,24 @@ Dependencies = Sequence[Sequence[Sequence[int]]]  # per caption: [[governor, dep
 @dataclass(frozen=True, slots=True)
 class GsmnConfig:
     name: Literal["gsmn"] = "gsmn"
-    image_dim: int = 0  # 0 = taken from the data at training time
-    embed_dim: int = 1024
-    word_dim: int = 300
-    num_layers: int = 1
-    vocab_size: int = 0  # taken from the vocabulary at training time
+    image_dim: int = non_negative(0)  # 0 = taken from the data at training time
+    embed_dim: int = positive(1024)
+    word_dim: int = positive(300)
+    num_layers: int = positive(1)
+    vocab_size: int = non_negative(0)  # taken from the vocabulary at training time
     bi_gru: bool = True  # every README command passes --bi_gru
     no_imgnorm: bool = False
     no_txtnorm: bool = False
-    lambda_softmax: float = 9.0  # upstream argparse default; the README uses 20 (F30K) and 10 (COCO)
-    num_block: int = 16  # blocks of the multi-block cosine (= the graphs' feat_dim)
-    hid_dim: int = 32
-    out_dim: int = 1
-    n_kernels: int = 8
+    lambda_softmax: float = positive(9.0)  # upstream argparse default; the README uses 20 (F30K) and 10 (COCO)
+    num_block: int = positive(16)  # blocks of the multi-block cosine (= the graphs' feat_dim)
+    hid_dim: int = positive(32)
+    out_dim: int = positive(1)
+    n_kernels: int = positive(8)
     sparse: bool = False  # upstream --is_sparse: the textual graph follows the dependency parse
     # Where caption ids come from: the dataset vocabulary applied to {split}_caps.txt, or the ids of
     # {split}_precaps_stan.txt (the original's pre-tokenised files; what its released models read).
     text_ids: Literal["vocab", "precaps_stan"] = "vocab"
-    xattn_budget_mb: float = 8.0  # memory for intermediates per tile (speed, not results; small suits CPU caches)
+    xattn_budget_mb: float = positive(8.0)  # tile memory (speed, not results; small suits CPU caches)
 
 
 class Gsmn(RetrievalModel):

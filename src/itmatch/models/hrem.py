@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from itmatch.checkpoints.official import is_two_encoder_release, split_state
+from itmatch.config import bounded, non_negative, positive
 from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.losses import distance_weighted_triplet_loss, hinge_loss
 from itmatch.method import Importer, MethodSpec
@@ -48,30 +49,30 @@ _TOP_K = 2  # upstream Maxk_Pooling_Variable(k=2)
 @dataclass(frozen=True, slots=True)
 class HremConfig:
     name: Literal["hrem"] = "hrem"
-    image_dim: int = 0  # 0 = taken from the data at training time
-    embed_dim: int = 1024
+    image_dim: int = non_negative(0)  # 0 = taken from the data at training time
+    embed_dim: int = positive(1024)
     text_encoder: Literal["bert"] = "bert"  # the original has BERT text only
     bert_path: str = ""  # local BERT directory (config, weights, vocab.txt) or pkg:PACKAGE/SUBDIR
     no_imgnorm: bool = False
     no_txtnorm: bool = False
-    nhead: int = 16  # heads of the pooling transformers and of the graph transformer (upstream shares --nhead)
-    dropout: float = 0.1  # their dropout (shared as well)
-    residual_weight: float = 0.8  # weight of the top-2 mean against the transformer mean
+    nhead: int = positive(16)  # heads of the pooling and graph transformers (upstream shares --nhead)
+    dropout: float = bounded(0.1, ge=0, lt=1)  # their dropout (shared as well)
+    residual_weight: float = bounded(0.8, ge=0, le=1)  # weight of the top-2 mean against the transformer mean
     # Training-only relation graph (graph_lib.extra_parameters defaults).
-    warmup_iterations: int = 8000  # training steps before the graph and its losses switch on
-    graph_layers: int = 1  # --num_layers_enc
-    graph_lr_factor: float = 1.0
-    mask_weight: float = 1.0  # upstream README: 1.0 for Flickr30K, 1.5 for COCO
-    threshold: float = 0.5  # fraction of each row's nodes connected
-    relation_topk: int = 10  # word-region matches fed to the relevance MLPs
-    reg_loss_weight: float = 10.0
+    warmup_iterations: int = non_negative(8000)  # training steps before the graph and its losses switch on
+    graph_layers: int = positive(1)  # --num_layers_enc
+    graph_lr_factor: float = non_negative(1.0)
+    mask_weight: float = positive(1.0)  # upstream README: 1.0 for Flickr30K, 1.5 for COCO
+    threshold: float = bounded(0.5, gt=0, le=1)  # fraction of each row's nodes connected
+    relation_topk: int = positive(10)  # word-region matches fed to the relevance MLPs
+    reg_loss_weight: float = non_negative(10.0)
     norm_input: bool = True  # graph nodes are the normalised embeddings (False: before l2norm)
     cross_loss: bool = True  # also T(img, cap_g) and T(img_g, cap)
-    triplet_cutoff: float = 1.7  # distance above which negatives are never sampled; upstream 1.9 for COCO
+    triplet_cutoff: float = positive(1.7)  # distance above which negatives are never sampled; upstream 1.9 for COCO
     # Not upstream (0 = the original): epochs in which the base term is VSE0 (the hinge summed over every negative
     # of the batch) instead of the sampled triplet loss, whose 512-d distance weighting picks practically the
     # hardest negative from the first step. For training from scratch on the synthetic data (hrem_synth_minilm).
-    vse_mean_warmup_epochs: int = 0
+    vse_mean_warmup_epochs: int = non_negative(0)
 
 
 def _xavier(module: nn.Module) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from itmatch.checkpoints.official import is_two_encoder_release, split_state
+from itmatch.config import non_negative, positive
 from itmatch.errors import CheckpointError, ConfigError
 from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
@@ -29,11 +30,11 @@ EPS = 1e-8  # SCAN's l2norm adds 1e-8 to the norm
 @dataclass(frozen=True, slots=True)
 class ScanConfig:
     name: Literal["scan"] = "scan"
-    image_dim: int = 0  # 0 = taken from the data at training time
-    embed_dim: int = 1024
-    word_dim: int = 300
-    num_layers: int = 1
-    vocab_size: int = 0  # taken from the vocabulary at training time
+    image_dim: int = non_negative(0)  # 0 = taken from the data at training time
+    embed_dim: int = positive(1024)
+    word_dim: int = positive(300)
+    num_layers: int = positive(1)
+    vocab_size: int = non_negative(0)  # taken from the vocabulary at training time
     bi_gru: bool = True  # every README command passes --bi_gru
     no_imgnorm: bool = False
     no_txtnorm: bool = False
@@ -41,9 +42,9 @@ class ScanConfig:
     cross_attn: Literal["t2i", "i2t"] = "t2i"
     raw_feature_norm: RawNorm = "clipped_l2norm"
     agg_func: Aggregation = "LogSumExp"
-    lambda_lse: float = 6.0
-    lambda_softmax: float = 9.0
-    xattn_budget_mb: float = 1024.0  # memory for cross-attention intermediates per tile (speed, not results)
+    lambda_lse: float = positive(6.0)
+    lambda_softmax: float = positive(9.0)
+    xattn_budget_mb: float = positive(1024.0)  # memory for cross-attention intermediates per tile (speed, not results)
 
 
 class RegionFcEncoder(nn.Module):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from itmatch.config import non_negative, positive
 from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.method import Importer, MethodSpec, vocabulary_tokenizer
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
@@ -45,23 +46,23 @@ _EPS = 1e-8  # upstream l2norm adds 1e-8 to the norm
 @dataclass(frozen=True, slots=True)
 class VseInfinityConfig:
     name: Literal["vse_infinity"] = "vse_infinity"
-    image_dim: int = 0  # 0 = taken from the data at training time
-    embed_dim: int = 1024
+    image_dim: int = non_negative(0)  # 0 = taken from the data at training time
+    embed_dim: int = positive(1024)
     text_encoder: Literal["bigru", "bert"] = "bigru"
-    vocab_size: int = 0  # bigru: taken from the vocabulary (+ <mask>) at training time
-    word_dim: int = 300  # bigru word embedding size
+    vocab_size: int = non_negative(0)  # bigru: taken from the vocabulary (+ <mask>) at training time
+    word_dim: int = positive(300)  # bigru word embedding size
     bert_path: str = ""  # bert: local BERT directory (config, weights, vocab.txt) or pkg:PACKAGE/SUBDIR
     no_imgnorm: bool = False
     no_txtnorm: bool = False
-    vse_mean_warmup_epochs: int = 0  # epochs with the VSE0 loss before hardest negatives (upstream scripts: 1)
+    vse_mean_warmup_epochs: int = non_negative(0)  # VSE0 epochs before hardest negatives (upstream scripts: 1)
     # Grid variant (upstream precomp_enc_type 'backbone'): "" = region features; else a backbone of
     # itmatch.modules.backbones (butd_resnet101 = upstream 'detector', resnext101_32x8d = 'wsl', resnet152, ...).
     backbone: str = ""
     backbone_weights: str = ""  # ImageNet/WSL state dict or original_updown_backbone.pth, loaded when building
     backbone_frozen_bn: bool = True  # upstream keeps the backbone's BatchNorms in eval mode
-    backbone_lr_factor: float = 0.01  # backbone lr = lr * this
-    embedding_warmup_epochs: int = 2  # epochs with the whole backbone frozen (upstream default 2, scripts 1)
-    backbone_warmup_epochs: int = 5  # then layer4, +layer3, +layer2, everything, each for this many epochs
+    backbone_lr_factor: float = positive(0.01)  # backbone lr = lr * this
+    embedding_warmup_epochs: int = non_negative(2)  # whole backbone frozen (upstream default 2, scripts 1)
+    backbone_warmup_epochs: int = non_negative(5)  # then layer4, +layer3, +layer2, all, each this many epochs
 
 
 class RegionEncoder(nn.Module):

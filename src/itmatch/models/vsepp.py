@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from itmatch.checkpoints.official import is_two_encoder_release, split_state
+from itmatch.config import non_negative, positive
 from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
@@ -38,11 +39,11 @@ from itmatch.registry import register_method
 @dataclass(frozen=True, slots=True)
 class VseppConfig:
     name: Literal["vsepp"] = "vsepp"
-    image_dim: int = 0  # 0 = taken from the data at training time
-    embed_dim: int = 1024
-    word_dim: int = 300
-    num_layers: int = 1
-    vocab_size: int = 0  # taken from the vocabulary at training time
+    image_dim: int = non_negative(0)  # 0 = taken from the data at training time
+    embed_dim: int = positive(1024)
+    word_dim: int = positive(300)
+    num_layers: int = positive(1)
+    vocab_size: int = non_negative(0)  # taken from the vocabulary at training time
     no_imgnorm: bool = False
     image_pool: Literal["mean"] = "mean"  # only used when features are (N, regions, D)
     # CNN image encoder on raw images (upstream EncoderImageFull, `--cnn_type resnet152`): "" = features.

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from itmatch.config import bounded, non_negative, positive
 from itmatch.errors import CheckpointError, ConfigError
 from itmatch.losses import caption_nll, hinge_loss
 from itmatch.method import Importer, MethodSpec
@@ -43,23 +44,23 @@ CAPTION = "caption"  # name of the training-only submodule
 @dataclass(frozen=True, slots=True)
 class VsrnConfig:
     name: Literal["vsrn"] = "vsrn"
-    image_dim: int = 0  # 0 = taken from the data at training time
-    embed_dim: int = 2048  # upstream train.py default, kept by both README commands
-    word_dim: int = 300
-    num_layers: int = 1  # text GRU layers
-    vocab_size: int = 0  # taken from the vocabulary at training time
-    gcn_layers: int = 4
+    image_dim: int = non_negative(0)  # 0 = taken from the data at training time
+    embed_dim: int = positive(2048)  # upstream train.py default, kept by both README commands
+    word_dim: int = positive(300)
+    num_layers: int = positive(1)  # text GRU layers
+    vocab_size: int = non_negative(0)  # taken from the vocabulary at training time
+    gcn_layers: int = non_negative(4)
     fc_region_norm: bool = True  # l2norm of the fc output over the REGION axis (upstream: all but f30k_precomp)
     final_bn: bool = False  # BatchNorm1d on the image GRU's final state (upstream: f30k_precomp only)
-    caption_loss_weight: float = 1.0  # total loss = matching + weight * caption NLL; 0 = no caption branch
-    caption_hidden: int = 512
-    caption_word_dim: int = 300
-    caption_max_len: int = 60  # captions longer than this are cut (upstream --max_len)
-    caption_dropout: float = 0.2
+    caption_loss_weight: float = non_negative(1.0)  # loss = matching + weight * caption NLL; 0 = no branch
+    caption_hidden: int = positive(512)
+    caption_word_dim: int = positive(300)
+    caption_max_len: int = bounded(60, ge=2)  # captions longer than this are cut (upstream --max_len)
+    caption_dropout: float = bounded(0.2, ge=0, lt=1)
     # Not upstream (VSRN trains with hardest negatives from the first step): epochs of the VSE0 loss (all
     # negatives) before hardest negatives, as VSE-infinity's warm-up. 0 = upstream; > 0 switches
     # `train.max_violation` on after that many epochs. The synthetic preset needs it (see vsrn_synth.toml).
-    vse_mean_warmup_epochs: int = 0
+    vse_mean_warmup_epochs: int = non_negative(0)
 
 
 class VsrnImageEncoder(nn.Module):

@@ -29,6 +29,7 @@ from itmatch.data.images import ImageSplit
 from itmatch.data.precomp import Batch, CaptionDataset, PrecompSplit, find_vocab, resolve_root
 from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab, vocab_words
 from itmatch.data.vocab import load_vocab
+from itmatch.device import check_device
 from itmatch.errors import ConfigError, DataError, TrainingError
 from itmatch.evaluation import evaluate_sims
 from itmatch.inference import compute_fold_sims, compute_sims
@@ -216,6 +217,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     Under `torchrun` every rank calls `fit` with the same arguments: `data.batch_size` is the global batch, each
     rank encodes its contiguous shard, and only rank 0 validates and writes logs and checkpoints.
     """
+    check_device(cfg.train.device, "train.device")
     joined = not distributed.active()
     info, device = distributed.setup(cfg.train.device)
     joined = joined and info.enabled  # tear down only a process group this call created
