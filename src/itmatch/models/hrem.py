@@ -32,7 +32,7 @@ from itmatch.losses import distance_weighted_triplet_loss, hinge_loss
 from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.instance_graph import InstanceGraph
-from itmatch.modules.norm import l2norm
+from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.pooling import masked_mean_pool, topk_mean_pool
 from itmatch.modules.region_mlp import FcMlp
 from itmatch.modules.text_bert import bert_tokens, load_bert, relocate_bert
@@ -41,7 +41,6 @@ from itmatch.recipe import Recipe
 from itmatch.registry import register_method
 
 GRAPH = "graph"  # name of the training-only submodule
-_EPS = 1e-8  # upstream l2norm adds 1e-8 to the norm
 _TOP_K = 2  # upstream Maxk_Pooling_Variable(k=2)
 
 
@@ -103,7 +102,7 @@ class HremRegionEncoder(nn.Module):
     def forward(self, images: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fragments = self.fc(images)
         raw = mixed_pool(fragments, lengths, self.aggr, self.residual_weight)
-        return (raw if self.no_norm else l2norm(raw, eps=_EPS)), raw, fragments
+        return (raw if self.no_norm else l2norm(raw, eps=EPS)), raw, fragments
 
 
 class HremBertText(nn.Module):
@@ -122,7 +121,7 @@ class HremBertText(nn.Module):
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fragments = self.linear(bert_tokens(self.bert, captions))  # lengths count [CLS] and [SEP]
         raw = mixed_pool(fragments, lengths, self.aggr, self.residual_weight)
-        return (raw if self.no_norm else l2norm(raw, eps=_EPS)), raw, fragments
+        return (raw if self.no_norm else l2norm(raw, eps=EPS)), raw, fragments
 
 
 class Hrem(RetrievalModel):

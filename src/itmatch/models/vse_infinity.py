@@ -32,14 +32,12 @@ from itmatch.modules.backbones import (
     load_backbone_weights,
 )
 from itmatch.modules.gpo import Gpo
-from itmatch.modules.norm import l2norm
+from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.region_mlp import RegionMlp
 from itmatch.modules.text_bert import bert_tokens, load_bert, relocate_bert
 from itmatch.modules.text_gru import GruTextEncoder
 from itmatch.recipe import Recipe
 from itmatch.registry import register_method
-
-_EPS = 1e-8  # upstream l2norm adds 1e-8 to the norm
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +84,7 @@ class RegionEncoder(nn.Module):
     def forward(self, images: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = self.fc(images) if self.mlp is None else self.fc(images) + self.mlp(images)
         pooled, _ = self.gpool(x, lengths)
-        return pooled if self.no_imgnorm else l2norm(pooled, eps=_EPS)
+        return pooled if self.no_imgnorm else l2norm(pooled, eps=EPS)
 
 
 def grid_size_augment(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +136,7 @@ class BiGruGpoText(nn.Module):
 
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.gpool(self.gru(captions, lengths), lengths)  # lengths include <start>/<end>
-        return pooled if self.no_txtnorm else l2norm(pooled, eps=_EPS)
+        return pooled if self.no_txtnorm else l2norm(pooled, eps=EPS)
 
 
 class BertGpoText(nn.Module):
@@ -156,7 +154,7 @@ class BertGpoText(nn.Module):
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = self.linear(bert_tokens(self.bert, captions))
         pooled, _ = self.gpool(x, lengths)  # lengths include [CLS]/[SEP]
-        return pooled if self.no_txtnorm else l2norm(pooled, eps=_EPS)
+        return pooled if self.no_txtnorm else l2norm(pooled, eps=EPS)
 
 
 class VseInfinity(RetrievalModel):
