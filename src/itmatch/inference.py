@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from itmatch.data.layout import CAPTIONS_PER_IMAGE
 from itmatch.data.precomp import PrecompSplit, pad_captions
-from itmatch.data.tokenizers import CaptionTokenizer
+from itmatch.data.tokenize import CaptionTokenizer
 from itmatch.method import SplitInputs
 from itmatch.models.base import Encoded, RetrievalModel
 from itmatch.registry import method_spec

@@ -112,7 +112,7 @@ def feature_dim(model_cfg: Any) -> int | None:
 
 def vocabulary_tokenizer(model_cfg: Any, vocab: Any) -> Any:
     """A word-vocabulary tokenizer, extended by the config class's `extra_tokens` (e.g. VSE-infinity's <mask>)."""
-    from itmatch.data.tokenizers import extended_vocabulary
+    from itmatch.data.tokenize import extended_vocabulary
 
     if vocab is None:
         raise ConfigError(f"model {model_cfg.name!r} needs a word vocabulary (pass --vocab or --set data.vocab=PATH)")
