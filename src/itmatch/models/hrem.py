@@ -35,7 +35,7 @@ from itmatch.modules.instance_graph import InstanceGraph
 from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.pooling import masked_mean_pool, topk_mean_pool
 from itmatch.modules.region_mlp import FcMlp
-from itmatch.modules.text_bert import bert_tokens, load_bert, relocate_bert
+from itmatch.modules.text_bert import STALE_BERT_KEYS, bert_tokens, load_bert, relocate_bert
 from itmatch.modules.transformer import encode_set, post_norm_encoder
 from itmatch.recipe import Recipe
 from itmatch.registry import register_method
@@ -246,7 +246,6 @@ def build(cfg: HremConfig, *, device: torch.device | str | None = None, dtype: t
 # `bert.embeddings.position_ids`, a buffer older transformers saved and newer ones recompute.
 
 
-_DROPPED = ("bert.embeddings.position_ids",)
 _MARK = ("fc.fc.weight", "aggr.layers.0.self_attn.in_proj_weight")  # FC_MLP + pooling transformer: HREM's image side
 
 
@@ -274,7 +273,7 @@ def convert(official: Mapping[str, Any]) -> tuple[HremConfig, dict[str, torch.Te
     opt = official["opt"]
     image, text = split_state(dict(official), "HREM checkpoint")
     img_sd = {_strip(k): v for k, v in image.items()}
-    txt_sd = {_strip(k): v for k, v in text.items() if _strip(k) not in _DROPPED}
+    txt_sd = {_strip(k): v for k, v in text.items() if _strip(k) not in STALE_BERT_KEYS}
     if not any(k.startswith("bert.") for k in txt_sd):
         raise CheckpointError("HREM checkpoint: the text state has no bert.* weights")
     embed_dim, image_dim = img_sd["fc.fc.weight"].shape

@@ -34,7 +34,7 @@ from itmatch.modules.backbones import (
 from itmatch.modules.gpo import Gpo
 from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.region_mlp import RegionMlp
-from itmatch.modules.text_bert import bert_tokens, load_bert, relocate_bert
+from itmatch.modules.text_bert import STALE_BERT_KEYS, bert_tokens, load_bert, relocate_bert
 from itmatch.modules.text_gru import GruTextEncoder
 from itmatch.recipe import Recipe
 from itmatch.registry import register_method
@@ -285,7 +285,6 @@ def build(cfg: VseInfinityConfig, *, device: torch.device | str | None = None,
 # unused classifier `backbone.resnet.fc.*`. `opt.backbone_source` names the CNN (`detector` = BUTD ResNet-101).
 
 
-_DROPPED = ("bert.embeddings.position_ids",)
 _BIGRU_RENAMES = {"embed.": "gru.embed.", "rnn.": "gru.rnn."}  # upstream EncoderText -> BiGruGpoText
 
 
@@ -325,7 +324,7 @@ def convert(official: Mapping[str, Any]) -> tuple[VseInfinityConfig, dict[str, t
     backbone = ""
     if enc_type == "backbone":
         backbone, img_sd = _grid_image_state(img_sd, str(getattr(opt, "backbone_source", "detector")))
-    txt_sd = {_strip(k): v for k, v in official["model"][1].items() if _strip(k) not in _DROPPED}
+    txt_sd = {_strip(k): v for k, v in official["model"][1].items() if _strip(k) not in STALE_BERT_KEYS}
     if "fc.weight" not in img_sd and "image_encoder.fc.weight" not in img_sd:
         raise CheckpointError("VSE-infinity checkpoint: the image state has no fc.weight")
     embed_dim, image_dim = img_sd["image_encoder.fc.weight" if backbone else "fc.weight"].shape
