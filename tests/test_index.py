@@ -13,7 +13,7 @@ from itmatch.checkpoints import native
 from itmatch.checkpoints.loader import load_model
 from itmatch.config import config_from_dict, config_to_dict
 from itmatch.data.precomp import PrecompSplit
-from itmatch.data.tokenizers import text_tokenizer, vocab_words
+from itmatch.data.tokenize import text_tokenizer, vocab_words
 from itmatch.data.vocab import load_vocab
 from itmatch.errors import GalleryIndexError
 from itmatch.index import GalleryIndex, IndexSpec

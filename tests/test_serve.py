@@ -249,6 +249,33 @@ def test_real_pictures_are_downscaled_and_mapping_cannot_escape(tmp_path: Path, 
     svc.close()
 
 
+def test_thumbnails_come_from_the_image_directory_training_reads(tmp_path: Path, indexes, synth_data) -> None:
+    """With both flickr30k-images/ and images/ present, the served picture is the one training decodes."""
+    import shutil
+
+    from PIL import Image
+
+    from itmatch.data.images import ImageSplit
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    (data / "scenes.jsonl").unlink()
+    ids = PrecompSplit(data, "test").ids
+    colours = {"flickr30k-images": (200, 30, 30), "images": (30, 30, 200)}
+    for folder, colour in colours.items():
+        (data / folder).mkdir()
+        Image.new("RGB", (64, 48), colour).save(data / folder / f"{ids[0]}.png")
+    (data / "id_mapping.json").write_text(json.dumps({str(i): f"{i}.png" for i in ids}))
+    trained = ImageSplit(data, "test", workers=0).images.paths[0]
+    assert trained == data / "flickr30k-images" / f"{ids[0]}.png"  # F30K's folder name comes first
+    svc = RetrievalService([Searcher.open(indexes["images"], data=data)])
+    res = TestClient(create_app(svc)).get(f"/api/images/{ids[0]}/thumbnail")
+    assert res.status_code == 200, res.text
+    served = np.asarray(Image.open(io.BytesIO(res.content)).convert("RGB"))
+    assert served.shape == (48, 64, 3) and (served == colours[trained.parent.name]).all()
+    svc.close()
+
+
 def test_a_full_queue_answers_503(indexes: dict[str, Path]) -> None:
     svc = RetrievalService.open([indexes["images"]], limits=ServeLimits(max_running=1, max_waiting=1))
     app = create_app(svc)

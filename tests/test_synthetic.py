@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itmatch.data import synthetic
-from itmatch.data.synthetic import generate
+from itmatch.data.synthetic import generate, writer
 from itmatch.errors import DataError
 
 SIZES = {"train": 60, "dev": 20, "test": 40}
@@ -235,8 +234,17 @@ def test_resizing_train_leaves_test_unchanged(f30k: Path, tmp_path: Path) -> Non
 
 
 def test_chunked_writing_matches(f30k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(synthetic, "_CHUNK_BYTES", 7 * 36 * DIM * 4)  # 7 images per chunk
+    monkeypatch.setattr(writer, "_CHUNK_BYTES", 7 * 36 * DIM * 4)  # 7 images per chunk
+    flushes: list[str] = []
+    open_memmap = writer.open_memmap
+
+    def counting(path, mode="r+", **kwargs):
+        flushes.append(mode)
+        return open_memmap(path, mode=mode, **kwargs)
+
+    monkeypatch.setattr(writer, "open_memmap", counting)
     generate(tmp_path, seed=3, dim=DIM, sizes={"train": 60})
+    assert flushes.count("r+") == 9  # ceil(60 / 7) chunks were copied into the file
     assert (tmp_path / "train_ims.npy").read_bytes() == (f30k / "train_ims.npy").read_bytes()
 
 

@@ -13,7 +13,7 @@ from itmatch.checkpoints.loader import load_model
 from itmatch.config import load_preset
 from itmatch.data.augment import AugmentedCaptions, kept_regions, noisy_words
 from itmatch.data.precomp import CaptionDataset, PrecompSplit
-from itmatch.data.tokenizers import text_tokenizer
+from itmatch.data.tokenize import text_tokenizer
 from itmatch.data.vocab import load_vocab
 from itmatch.data.wordpiece import WordpieceTokenizer
 from itmatch.errors import ConfigError

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from itmatch.errors import DataError
+from itmatch.evaluation import KS
 
 FILES = ("testall_ids.txt", "testall_capids.txt", "cxc_it.json", "cxc_i2i.json", "cxc_t2t.json")
 IMAGE_THRESHOLD, TEXT_THRESHOLD = 2.5, 3.0
-KS = (1, 5, 10)
 _CHUNK = 256
 
 

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from itmatch.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit, pad_captions
-from itmatch.data.tokenizers import CaptionTokenizer
+from itmatch.data.layout import CAPTIONS_PER_IMAGE
+from itmatch.data.precomp import PrecompSplit, pad_captions
+from itmatch.data.tokenize import CaptionTokenizer
 from itmatch.method import SplitInputs
 from itmatch.models.base import Encoded, RetrievalModel
 from itmatch.registry import method_spec

@@ -116,7 +116,7 @@ def feature_dim(model_cfg: Any) -> int | None:
 def vocabulary_tokenizer(model_cfg: Any, vocab: Any, extra_tokens: Sequence[str] = ()) -> Any:
     """The dataset's word vocabulary as the tokenizer, extended by the tokens a method appends (`extra_tokens`,
     e.g. VSE-infinity's <mask>); the default of `MethodSpec.tokenizer`."""
-    from itmatch.data.tokenizers import extended_vocabulary
+    from itmatch.data.tokenize import extended_vocabulary
 
     if vocab is None:
         raise ConfigError(f"model {model_cfg.name!r} needs a word vocabulary (pass --vocab or --set data.vocab=PATH)")

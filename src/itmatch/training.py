@@ -27,7 +27,7 @@ from itmatch.config import Config, config_from_dict, config_to_dict
 from itmatch.data.augment import AugmentedCaptions
 from itmatch.data.images import ImageSplit
 from itmatch.data.precomp import Batch, CaptionDataset, PrecompSplit, find_vocab, resolve_root
-from itmatch.data.tokenizers import CaptionTokenizer, text_tokenizer, uses_vocab, vocab_words
+from itmatch.data.tokenize import CaptionTokenizer, text_tokenizer, uses_vocab, vocab_words
 from itmatch.data.vocab import load_vocab
 from itmatch.device import check_device
 from itmatch.errors import ConfigError, DataError, TrainingError

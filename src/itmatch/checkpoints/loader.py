@@ -19,7 +19,7 @@ import torch
 from itmatch.checkpoints import native
 from itmatch.config import Config, DataConfig, config_from_dict, strict
 from itmatch.data.precomp import CHECKPOINT_VOCAB_HINT, find_vocab
-from itmatch.data.tokenizers import CaptionTokenizer
+from itmatch.data.tokenize import CaptionTokenizer
 from itmatch.data.vocab import Vocabulary, load_vocab
 from itmatch.device import check_device
 from itmatch.errors import CheckpointError, ConfigError, DataError

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from itmatch.cli.common import Parser, progress
+from itmatch.data.vocab import VOCAB_THRESHOLD
 from itmatch.errors import DataError
 
 
@@ -22,7 +23,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     counts = generate(args.out, variant=args.variant, seed=args.seed, dim=args.dim, sizes=sizes,
                       render=args.render, progress=progress(args))
-    vocab = write_vocab(Path(args.out), threshold=4)
+    vocab = write_vocab(Path(args.out))
     print(f"wrote {args.variant}-like synthetic dataset to {args.out} in {time.perf_counter() - started:.1f}s: "
           + ", ".join(f"{k} {v} images" for k, v in counts.items()) + f"; vocabulary {vocab} words")
     return 0
@@ -147,7 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(run=_cmd_convert_butd)
     v = dsub.add_parser("vocab", help="build the vocabulary JSON from train+dev captions")
     v.add_argument("dir")
-    v.add_argument("--threshold", type=int, default=4)
+    v.add_argument("--threshold", type=int, default=VOCAB_THRESHOLD)
     v.add_argument("--out", help="output path (default DIR/vocab.json)")
     v.set_defaults(run=_cmd_vocab)
     pa = dsub.add_parser("parse", help="GSMN sparse: dependency-parse {split}_caps.txt into {split}_caps.json (spaCy)")

@@ -24,7 +24,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not (data / "train_ims.npy").is_file():
         print(f"[1/3] synthesising the F30K-like dataset in {data} ...", flush=True)
         generate(data, variant="f30k", seed=0, progress=show, render=False)
-        write_vocab(data, threshold=4)
+        write_vocab(data)
     else:
         print(f"[1/3] using the synthetic dataset in {data}", flush=True)
     cfg = load_preset("vsepp_synth", [f"data.path={json.dumps(str(data))}", *(args.set or [])])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from itmatch.data.precomp import Batch, CaptionDataset, collate
-from itmatch.data.tokenizers import CaptionTokenizer
+from itmatch.data.tokenize import CaptionTokenizer
 from itmatch.data.vocab import Vocabulary
 from itmatch.errors import ConfigError
 

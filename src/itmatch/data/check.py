@@ -13,8 +13,9 @@ import numpy as np
 
 from itmatch.data.gsmn_files import load_image_sizes
 from itmatch.data.images import find_image_dir, read_id_mapping
+from itmatch.data.layout import CAPTIONS_PER_IMAGE
 from itmatch.data.npy import MappedArray, read_npy_header
-from itmatch.data.precomp import CAPTIONS_PER_IMAGE, read_captions
+from itmatch.data.precomp import read_captions
 from itmatch.errors import DataError
 
 _ROWS = 512  # images scanned for NaN/inf at a time

@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from itmatch.data.layout import CAPTIONS_PER_IMAGE
 from itmatch.data.precomp import PrecompSplit, read_captions
 from itmatch.data.safe_pickle import AllowListUnpickler
 from itmatch.data.tokenize import tokenize
 from itmatch.errors import DataError
 from itmatch.fileio import atomic_write
-
-CAPTIONS_PER_IMAGE = 5
 
 
 def _reconstruct(cls: Any, shape: Any, dtype_code: Any) -> np.ndarray:

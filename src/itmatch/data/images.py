@@ -29,7 +29,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from itmatch.data.precomp import CAPTIONS_PER_IMAGE, DEV_CAPTIONS, read_captions
+from itmatch.data.layout import CAPTIONS_PER_IMAGE, IMAGE_DIR_NAMES
+from itmatch.data.precomp import DEV_CAPTIONS, read_captions
 from itmatch.errors import DataError
 
 _logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ Normalisation = Literal["imagenet", "detector"]
 BGR_MEANS = np.array([102.9801, 115.9465, 122.7717], dtype=np.float32)  # Caffe BUTD detector, BGR order
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-IMAGE_DIR_NAMES = ("flickr30k-images", "images")  # upstream: data/f30k/flickr30k-images, data/coco/images
 
 
 class Rng(Protocol):

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from itmatch.data.layout import Image, check_image_files, clean_caption, write_caption_layout
-from itmatch.data.precomp import CAPTIONS_PER_IMAGE
+from itmatch.data.layout import CAPTIONS_PER_IMAGE, Image, check_image_files, clean_caption, write_caption_layout
 from itmatch.errors import DataError
 
 __all__ = ["KarpathyImport", "import_karpathy"]

@@ -1,4 +1,5 @@
-"""Write imported captions in the layout the readers expect (VSE-infinity's, which SCAN-layout tools also read).
+"""The dataset layout: its constants (captions per image, names of the image directory), and the writer of imported
+captions in the layout the readers expect (VSE-infinity's, which SCAN-layout tools also read).
 
 ``OUT/precomp/{split}_caps.txt`` (5 lines per image, in image order), ``OUT/precomp/{split}_ids.txt`` (one integer id
 per image), ``OUT/precomp/vocab.json`` (count >= 4 over train+dev, as the originals) and, for raw images,
@@ -14,14 +15,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from itmatch.data.precomp import CAPTIONS_PER_IMAGE
-from itmatch.data.vocab import build_vocab, save_vocab
+from itmatch.data.vocab import VOCAB_THRESHOLD, build_vocab, save_vocab
 from itmatch.errors import DataError
 from itmatch.fileio import atomic_write
 
-__all__ = ["Image", "check_image_files", "clean_caption", "refuse_overwrite", "write_caption_layout"]
+__all__ = ["CAPTIONS_PER_IMAGE", "IMAGE_DIR_NAMES", "Image", "check_image_files", "clean_caption", "refuse_overwrite",
+           "write_caption_layout"]
 
-VOCAB_THRESHOLD = 4  # the originals keep words seen at least 4 times in train+dev
+CAPTIONS_PER_IMAGE = 5  # F30K and COCO: every image has 5 captions (the importers keep the first 5)
+# The image directory of a raw-image dataset, in the order training and `itmatch serve` look for it.
+IMAGE_DIR_NAMES = ("flickr30k-images", "images")  # upstream: data/f30k/flickr30k-images, data/coco/images
+
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itmatch.data.layout import Image, check_image_files, clean_caption, write_caption_layout
-from itmatch.data.precomp import CAPTIONS_PER_IMAGE
+from itmatch.data.layout import CAPTIONS_PER_IMAGE, Image, check_image_files, clean_caption, write_caption_layout
 from itmatch.errors import DataError
 
 __all__ = ["SPLIT_NAMES", "ManifestImport", "import_manifest", "parse_ratios", "read_manifest"]

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from itmatch.data.layout import CAPTIONS_PER_IMAGE
 from itmatch.data.npy import MappedArray
 from itmatch.data.vocab import Vocabulary, load_vocab
 from itmatch.errors import DataError
 
-CAPTIONS_PER_IMAGE = 5
 DEV_CAPTIONS = 5000  # the originals cut `dev` to its first 5000 captions (1000 images), F30K and COCO alike
 
 

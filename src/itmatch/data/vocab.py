@@ -21,6 +21,8 @@ from itmatch.data.tokenize import tokenize
 from itmatch.errors import DataError
 from itmatch.fileio import atomic_write
 
+VOCAB_THRESHOLD = 4  # the originals keep words seen at least 4 times in train+dev
+
 __all__ = [
     "END",
     "PAD",
@@ -85,7 +87,7 @@ class Vocabulary:
         return [self.word2idx[START], *(self(token) for token in tokenize(caption)), self.word2idx[END]]
 
 
-def build_vocab(captions: Iterable[str], threshold: int = 4) -> Vocabulary:
+def build_vocab(captions: Iterable[str], threshold: int = VOCAB_THRESHOLD) -> Vocabulary:
     """Vocabulary of the special tokens plus every token seen at least ``threshold`` times in ``captions``.
 
     The references keep words with count >= 4 over the train+dev captions.
@@ -120,7 +122,7 @@ def _read_caption_lines(path: Path) -> Iterator[str]:
                 ) from None
 
 
-def vocab_from_captions_files(paths: Sequence[PathLike], threshold: int = 4) -> Vocabulary:
+def vocab_from_captions_files(paths: Sequence[PathLike], threshold: int = VOCAB_THRESHOLD) -> Vocabulary:
     """Build a vocabulary from caption files (one caption per line, e.g. train_caps.txt + dev_caps.txt)."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
@@ -242,7 +244,8 @@ def load_vocab(path: PathLike) -> Vocabulary:
     return _load_pickle(data, path)
 
 
-def write_vocab(root: str | os.PathLike, threshold: int = 4, out: str | os.PathLike | None = None) -> int:
+def write_vocab(root: str | os.PathLike, threshold: int = VOCAB_THRESHOLD,
+                out: str | os.PathLike | None = None) -> int:
     """Build the vocabulary of a dataset directory from its train + dev captions (words seen `threshold` times,
     as the originals) and save it as `vocab.json` next to them (or `out`); returns its size."""
     from itmatch.data.precomp import resolve_root

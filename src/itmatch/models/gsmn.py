@@ -41,12 +41,10 @@ from itmatch.modules.graph_matching import (
     prepare_images,
     sparse_adjacency,
 )
-from itmatch.modules.norm import l2norm
+from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.text_gru import GruTextEncoder
 from itmatch.modules.workspace import Workspace, run_tiles
 from itmatch.registry import register_method
-
-EPS = 1e-8
 
 Dependencies = Sequence[Sequence[Sequence[int]]]  # per caption: [[governor, dependent], ...] (CoreNLP indices)
 

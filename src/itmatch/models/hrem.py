@@ -33,16 +33,15 @@ from itmatch.losses import distance_weighted_triplet_loss, hinge_loss
 from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.instance_graph import InstanceGraph
-from itmatch.modules.norm import l2norm
+from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.pooling import masked_mean_pool, topk_mean_pool
 from itmatch.modules.region_mlp import FcMlp
-from itmatch.modules.text_bert import bert_tokens, load_bert, relocate_bert
+from itmatch.modules.text_bert import STALE_BERT_KEYS, bert_tokens, load_bert, relocate_bert
 from itmatch.modules.transformer import encode_set, post_norm_encoder
 from itmatch.recipe import Recipe
 from itmatch.registry import register_method
 
 GRAPH = "graph"  # name of the training-only submodule
-_EPS = 1e-8  # upstream l2norm adds 1e-8 to the norm
 _TOP_K = 2  # upstream Maxk_Pooling_Variable(k=2)
 
 
@@ -104,7 +103,7 @@ class HremRegionEncoder(nn.Module):
     def forward(self, images: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fragments = self.fc(images)
         raw = mixed_pool(fragments, lengths, self.aggr, self.residual_weight)
-        return (raw if self.no_norm else l2norm(raw, eps=_EPS)), raw, fragments
+        return (raw if self.no_norm else l2norm(raw, eps=EPS)), raw, fragments
 
 
 class HremBertText(nn.Module):
@@ -123,7 +122,7 @@ class HremBertText(nn.Module):
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fragments = self.linear(bert_tokens(self.bert, captions))  # lengths count [CLS] and [SEP]
         raw = mixed_pool(fragments, lengths, self.aggr, self.residual_weight)
-        return (raw if self.no_norm else l2norm(raw, eps=_EPS)), raw, fragments
+        return (raw if self.no_norm else l2norm(raw, eps=EPS)), raw, fragments
 
 
 class Hrem(RetrievalModel):
@@ -248,7 +247,6 @@ def build(cfg: HremConfig, *, device: torch.device | str | None = None, dtype: t
 # `bert.embeddings.position_ids`, a buffer older transformers saved and newer ones recompute.
 
 
-_DROPPED = ("bert.embeddings.position_ids",)
 _MARK = ("fc.fc.weight", "aggr.layers.0.self_attn.in_proj_weight")  # FC_MLP + pooling transformer: HREM's image side
 
 
@@ -276,7 +274,7 @@ def convert(official: Mapping[str, Any]) -> tuple[HremConfig, dict[str, torch.Te
     opt = official["opt"]
     image, text = split_state(dict(official), "HREM checkpoint")
     img_sd = {_strip(k): v for k, v in image.items()}
-    txt_sd = {_strip(k): v for k, v in text.items() if _strip(k) not in _DROPPED}
+    txt_sd = {_strip(k): v for k, v in text.items() if _strip(k) not in STALE_BERT_KEYS}
     if not any(k.startswith("bert.") for k in txt_sd):
         raise CheckpointError("HREM checkpoint: the text state has no bert.* weights")
     embed_dim, image_dim = img_sd["fc.fc.weight"].shape

@@ -20,11 +20,9 @@ from itmatch.errors import CheckpointError, ConfigError
 from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.cross_attention import Aggregation, RawNorm, XAttnConfig, attention_weights, xattn_similarity
-from itmatch.modules.norm import l2norm
+from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.text_gru import GruTextEncoder
 from itmatch.registry import register_method
-
-EPS = 1e-8  # SCAN's l2norm adds 1e-8 to the norm
 
 
 @dataclass(frozen=True, slots=True)

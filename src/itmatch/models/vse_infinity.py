@@ -33,14 +33,12 @@ from itmatch.modules.backbones import (
     load_backbone_weights,
 )
 from itmatch.modules.gpo import Gpo
-from itmatch.modules.norm import l2norm
+from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.region_mlp import RegionMlp
-from itmatch.modules.text_bert import bert_tokens, load_bert, relocate_bert
+from itmatch.modules.text_bert import STALE_BERT_KEYS, bert_tokens, load_bert, relocate_bert
 from itmatch.modules.text_gru import GruTextEncoder
 from itmatch.recipe import Recipe
 from itmatch.registry import register_method
-
-_EPS = 1e-8  # upstream l2norm adds 1e-8 to the norm
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +82,7 @@ class RegionEncoder(nn.Module):
     def forward(self, images: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = self.fc(images) if self.mlp is None else self.fc(images) + self.mlp(images)
         pooled, _ = self.gpool(x, lengths)
-        return pooled if self.no_imgnorm else l2norm(pooled, eps=_EPS)
+        return pooled if self.no_imgnorm else l2norm(pooled, eps=EPS)
 
 
 def grid_size_augment(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +134,7 @@ class BiGruGpoText(nn.Module):
 
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.gpool(self.gru(captions, lengths), lengths)  # lengths include <start>/<end>
-        return pooled if self.no_txtnorm else l2norm(pooled, eps=_EPS)
+        return pooled if self.no_txtnorm else l2norm(pooled, eps=EPS)
 
 
 class BertGpoText(nn.Module):
@@ -154,7 +152,7 @@ class BertGpoText(nn.Module):
     def forward(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = self.linear(bert_tokens(self.bert, captions))
         pooled, _ = self.gpool(x, lengths)  # lengths include [CLS]/[SEP]
-        return pooled if self.no_txtnorm else l2norm(pooled, eps=_EPS)
+        return pooled if self.no_txtnorm else l2norm(pooled, eps=EPS)
 
 
 class VseInfinity(RetrievalModel):
@@ -285,7 +283,6 @@ def build(cfg: VseInfinityConfig, *, device: torch.device | str | None = None,
 # unused classifier `backbone.resnet.fc.*`. `opt.backbone_source` names the CNN (`detector` = BUTD ResNet-101).
 
 
-_DROPPED = ("bert.embeddings.position_ids",)
 _BIGRU_RENAMES = {"embed.": "gru.embed.", "rnn.": "gru.rnn."}  # upstream EncoderText -> BiGruGpoText
 
 
@@ -325,7 +322,7 @@ def convert(official: Mapping[str, Any]) -> tuple[VseInfinityConfig, dict[str, t
     backbone = ""
     if enc_type == "backbone":
         backbone, img_sd = _grid_image_state(img_sd, str(getattr(opt, "backbone_source", "detector")))
-    txt_sd = {_strip(k): v for k, v in official["model"][1].items() if _strip(k) not in _DROPPED}
+    txt_sd = {_strip(k): v for k, v in official["model"][1].items() if _strip(k) not in STALE_BERT_KEYS}
     if "fc.weight" not in img_sd and "image_encoder.fc.weight" not in img_sd:
         raise CheckpointError("VSE-infinity checkpoint: the image state has no fc.weight")
     embed_dim, image_dim = img_sd["image_encoder.fc.weight" if backbone else "fc.weight"].shape

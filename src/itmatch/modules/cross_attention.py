@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from itmatch.modules.norm import EPS
+
 Direction = Literal["t2i", "i2t"]
 RawNorm = Literal["clipped_l2norm", "l2norm", "clipped", "no_norm", "softmax", "l1norm", "clipped_l1norm"]
 Aggregation = Literal["LogSumExp", "Mean", "Max", "Sum"]
@@ -36,7 +38,7 @@ class XAttnConfig:
     agg_func: Aggregation = "LogSumExp"
     lambda_softmax: float = 9.0
     lambda_lse: float = 6.0
-    eps: float = 1e-8
+    eps: float = EPS
 
 
 def _raw_norm(a: torch.Tensor, kind: str, qmask: torch.Tensor | None, eps: float, inplace: bool) -> torch.Tensor:

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itmatch.modules.norm import EPS  # upstream: l2norm adds it to the norm, the cosine clamps the norm product at it
 from itmatch.modules.workspace import Workspace
 
-EPS = 1e-8  # upstream: l2norm adds 1e-8 to the norm, the cosine clamps the norm product at 1e-8
 # Attention weights are kept scaled by 2^32: softmax weights reach e^(-2 lambda) / n, and the products of two of
 # them in the quadratic forms a^T G a below would otherwise fall into float32 subnormals, whose arithmetic is far
 # slower on x86 CPUs. A cosine does not depend on the scale of the attended vector, so only its clamp threshold

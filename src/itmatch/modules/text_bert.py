@@ -18,6 +18,10 @@ from torch import nn
 
 from itmatch.errors import ConfigError
 
+# Keys the original checkpoints' text state holds and a strict load must drop: a buffer older transformers saved and
+# newer ones recompute.
+STALE_BERT_KEYS = ("bert.embeddings.position_ids",)
+
 
 def resolve_bert_path(spec: str) -> Path:
     """Directory of a BERT model: a path, or `pkg:PACKAGE/SUBDIR` inside an installed package."""
