@@ -161,7 +161,7 @@ def test_eval_of_official_files_and_their_ensemble(tiny_data: Path, tmp_path: Pa
     for paths, expected in (([a], sims[0]), ([a, b], (sims[0] + sims[1]) / 2)):
         out = tmp_path / "r.json"
         code = main(["-q", "eval", *map(str, paths), "--data", str(tiny_data), "--split", "test",
-                     "--vocab", str(vocab_path), "--out", str(out)])
+                     "--vocab", str(vocab_path), "--out", str(out), "--force"])  # r.json is replaced
         assert code == 0, capsys.readouterr().err
         assert json.loads(out.read_text())["rsum"] == pytest.approx(evaluate_sims(expected)["rsum"])
     assert sims[0].tolist() != sims[1].tolist()

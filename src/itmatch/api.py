@@ -182,12 +182,12 @@ class Evaluation:
 
     def save_sims(self, path: str | os.PathLike) -> None:
         """Write the matrix with its image and caption ids (`.npz`, atomically), for offline analysis/ensembles."""
-        from itmatch.fileio import atomic_write
+        from itmatch.report import write_file
 
         image_ids = np.asarray([str(i) for i in self.image_ids])
         arrays = {"sims": self.sims, "image_ids": image_ids, "caption_ids": np.asarray(self.caption_ids),
                   "models": np.asarray(self.models), "fold5": np.asarray(self.sims.ndim == 3)}
-        atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        write_file(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _as_matcher(model: str | os.PathLike | Matcher, *, device: str, vocab: str, bert_path: str, root: Path | None,
@@ -239,6 +239,8 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
         raise ConfigError("evaluate needs at least one model")
     if cxc and len(items) != 1:
         raise ItmatchError("--cxc evaluates one model (its image-image and text-text rankings need embeddings)")
+    if cxc and dtype is not None:
+        raise ItmatchError("--cxc scores in float64 as the CxC protocol does; leave out --dtype")
     if isinstance(dataset, Dataset):
         split = dataset.split
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -254,6 +256,9 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
             raise ItmatchError(f"{where} does not record its dataset; pass --data DIR")
         root = resolve_root(data_dir or matcher.config.data.path, split)
         split_data = open_split(matcher.config, root, split)
+        if fold5 and split_data.n_images % 5:
+            raise DataError(f"{root}/{split}: {split_data.n_images} images cannot be cut into 5 folds of the same "
+                            "size; the 5-fold protocol is for COCO's testall (5,000 images), leave out --fold5")
         first = first or split_data
         unknown = sorted(k for k in opts if k not in matcher.spec.eval_options)
         if unknown:
@@ -269,6 +274,9 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
             scorer = compute_fold_sims if fold5 else compute_sims
             sims = scorer(matcher.model, split_data, matcher.tokenizer, batch_size=batch_size, device=device,
                           progress=progress, dtype=torch_dtype, options=method_options)
+        if not np.isfinite(sims).all():
+            raise DataError(f"{where} gives NaN or infinite scores on {root}/{split}; check its weights and the "
+                            "features (`itmatch data check`)")
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{where}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims

@@ -206,6 +206,7 @@ class GalleryIndex:
                       "ntotal": len(self), "dim": self.dim, **asdict(self.spec)},
             "ids": self.ids,
         }
+        meta["checksum"] = meta_checksum(meta)
         atomic_write(out / META_FILE, lambda fh: fh.write((json.dumps(meta) + "\n").encode("utf-8")))
         return out
 
@@ -215,6 +216,8 @@ class GalleryIndex:
         meta = read_meta(directory)
         path = Path(directory) / INDEX_FILE
         info = meta["index"]
+        if (path.is_symlink() or path.exists()) and not path.is_file():  # a device, a dangling link, a directory
+            raise GalleryIndexError(f"{path} is not a regular file; rebuild with `itmatch index build`")
         if not path.is_file():
             raise GalleryIndexError(f"{directory}: {INDEX_FILE} is missing; rebuild with `itmatch index build`")
         if verify and file_sha256(path) != info.get("sha256"):
@@ -261,7 +264,16 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in ("index", "ids") if k not in meta]
     if missing or not isinstance(meta["index"], dict) or not isinstance(meta["ids"], list):
         raise GalleryIndexError(f"{path}: corrupt index metadata (missing or malformed {missing or ['index', 'ids']})")
+    if meta.get("checksum") != meta_checksum(meta):
+        raise GalleryIndexError(f"{path} was changed after the index was built (its checksum differs: ids, texts or "
+                                "settings edited, or an index of an older itmatch); rebuild with `itmatch index build`")
     return meta
+
+
+def meta_checksum(meta: dict[str, Any]) -> str:
+    """SHA-256 of the metadata without its own checksum (canonical JSON): a permuted id list is caught."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _take_rows(chunks: list[np.ndarray], rows: np.ndarray) -> np.ndarray:

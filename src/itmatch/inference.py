@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from itmatch.data.layout import CAPTIONS_PER_IMAGE
 from itmatch.data.precomp import PrecompSplit, pad_captions
 from itmatch.data.tokenize import CaptionTokenizer
+from itmatch.errors import DataError
 from itmatch.method import SplitInputs
 from itmatch.models.base import Encoded, RetrievalModel
 from itmatch.registry import method_spec
@@ -47,6 +48,10 @@ def encode_images(model: RetrievalModel, split: PrecompSplit, *, batch_size: int
     parts = []
     for start in tqdm(range(0, len(rows), batch_size), desc="images", disable=not progress, leave=False):
         feats = torch.from_numpy(split.images[np.asarray(rows[start : start + batch_size])]).float()
+        if not torch.isfinite(feats).all():
+            row = rows[start + int(torch.nonzero(~torch.isfinite(feats).flatten(1).all(1))[0])]
+            raise DataError(f"{split.images.path}: image row {row} has NaN or infinite features; fix or drop it "
+                            "(`itmatch data check` lists every problem)")
         extra = {k: torch.from_numpy(np.asarray(v[start : start + batch_size])).to(device)
                  for k, v in (inputs or {}).items()}
         parts.append(model.encode_image(feats.to(device), **extra).to("cpu"))

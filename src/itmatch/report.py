@@ -6,11 +6,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+from itmatch.errors import ItmatchError
+from itmatch.fileio import atomic_write
+
 
 def write_json(results: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    """Write `results` as JSON atomically; a failed write (full disk) is one line naming the file."""
+    text = (json.dumps(results, indent=2) + "\n").encode("utf-8")
+    write_file(path, lambda fh: fh.write(text))
+
+
+def write_file(path: str | Path, write: Any) -> None:
+    """`atomic_write` whose OS errors (no space, no permission) are one ItmatchError line naming the file."""
+    try:
+        atomic_write(path, write)
+    except OSError as err:
+        raise ItmatchError(f"{path}: cannot write it ({err.strerror or err}); nothing was replaced") from None
 
 
 def plot_recall_curves(curves: dict[str, dict[str, list[float]]], path: str | Path, title: str = "") -> None:
@@ -35,7 +46,7 @@ def plot_recall_curves(curves: dict[str, dict[str, list[float]]], path: str | Pa
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_file(path, lambda fh: fig.savefig(fh, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

@@ -231,6 +231,9 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
 def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.device, *, resume: bool,
          progress: bool, on_step: Callable[[RunState, dict[str, float]], None] | None) -> dict[str, Any]:
     ckpt_path = out / CHECKPOINT
+    for stale in (*out.glob(f".{CHECKPOINT}.*.tmp"), *out.glob(f".{BEST}.*.tmp")):  # left by a killed write
+        if info.is_main:
+            stale.unlink(missing_ok=True)
     saved = None
     if resume:
         saved = native.load(ckpt_path)
@@ -293,6 +296,11 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     if tc.region_drop or tc.word_noise:
         augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
     val_split = open_split(cfg, Path(dc.path), dc.val_split)
+    if isinstance(train_split, PrecompSplit) and isinstance(val_split, PrecompSplit) and (
+            val_split.images.shape[1:] != train_split.images.shape[1:]):
+        raise DataError(f"{val_split.images.path} has features of shape {val_split.images.shape[1:]} per image but "
+                        f"{train_split.images.path} has {train_split.images.shape[1:]}; every split of a dataset "
+                        "needs the same regions and dimension (`itmatch data check` lists them)")
     if dc.val_split == dc.test_split:
         _logger.warning("model selection on the test split %r (data.val_split): the reported test numbers are then "
                         "optimistic; HREM's original does this, use the dev split for a clean protocol", dc.val_split)
@@ -356,7 +364,16 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 scaler.scale(loss).backward()
                 if tc.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(loss_module.parameters(), tc.grad_clip)
+                    norm = torch.nn.utils.clip_grad_norm_(loss_module.parameters(), tc.grad_clip)
+                elif not scaler.is_enabled():
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in loss_module.parameters()
+                                                          if p.grad is not None])
+                if not scaler.is_enabled() and not torch.isfinite(norm):  # fp16 scaling skips such steps itself
+                    raise TrainingError(
+                        f"the gradients became {norm.item()} at epoch {state.epoch + 1} step {state.global_step + 1} "
+                        f"(the loss was {loss.item():.4g}); the step is not taken and the last good checkpoint "
+                        f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept; lower train.lr or check the "
+                        "features for NaN/inf (`itmatch data check`)")
                 scaler.step(optimizer)
                 scaler.update()
                 state.step_in_epoch += 1

@@ -110,6 +110,9 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
         except KeyError as err:
             raise CheckpointError(f"{path}: checkpoint lacks {err}; it was not written by `itmatch train`") from None
         spec = method_spec(cfg.model.name)
+        if vocab:
+            raise CheckpointError(f"{path} is an itmatch checkpoint, which carries its own vocabulary; --vocab is for "
+                                  "the originals' releases (leave it out)")
         cfg = dataclasses.replace(cfg, model=spec.relocate(cfg.model, bert_path=bert_path))
         tokenizer = spec.tokenizer(cfg.model, vocab_from_words(words) if words else None)
     else:
@@ -156,6 +159,11 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
     if memory_budget_mb is not None:
         model_cfg = spec.with_memory_budget(model_cfg, memory_budget_mb)
     cfg = dataclasses.replace(cfg, model=model_cfg)
+    broken = next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                   and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise CheckpointError(f"{path}: weight {broken} holds NaN or infinity (a diverged run?); use an earlier "
+                              "checkpoint")
     model = create_model(cfg.model, device=device)
     load_state_strict(model, state, str(path))
     model.eval()

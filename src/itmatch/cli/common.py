@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from pathlib import Path
 
 from itmatch.errors import ItmatchError
 
@@ -26,3 +29,50 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", help="vocabulary (.json, or the original's .pkl) of an original checkpoint "
                         "(default: found next to --data)")
     parser.add_argument("--bert-path", help="BERT directory (config + vocab.txt) of an original BERT checkpoint")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, chunk sizes, k, limits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (memory budgets, scale factors)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
+    return value
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1..65535)")
+    return value
+
+
+def refuse_existing(path: str | os.PathLike | None, force: bool, what: str = "it") -> None:
+    """No command replaces a user's file without --force."""
+    if path is not None and not force and (Path(path).exists() or Path(path).is_symlink()):
+        raise ItmatchError(f"{path} exists; pass --force to replace {what}")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (worker counts, queue lengths)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from itmatch.cli.common import Parser, progress
+from itmatch.cli.common import Parser, non_negative_int, positive_int, progress, refuse_existing
 from itmatch.data.vocab import VOCAB_THRESHOLD
 from itmatch.errors import DataError
 
@@ -20,6 +20,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         from itmatch.data.synthetic import SPLITS_COCO, SPLITS_F30K
 
         sizes = dict(SPLITS_COCO if args.variant == "coco" else SPLITS_F30K, train=args.train_images)
+    out = Path(args.out)
+    written = ("vocab.json", "scenes.jsonl", "train_ims.npy", "train_caps.txt", "precomp")
+    existing = [name for name in written if (out / name).exists()]
+    if existing and not args.force:
+        raise DataError(f"{out} already holds a dataset ({existing[0]}); pass --force to overwrite it, or choose "
+                        "another --out")
     started = time.perf_counter()
     counts = generate(args.out, variant=args.variant, seed=args.seed, dim=args.dim, sizes=sizes,
                       render=args.render, progress=progress(args))
@@ -30,9 +36,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_vocab(args: argparse.Namespace) -> int:
+    from itmatch.data.precomp import resolve_root
     from itmatch.data.vocab import write_vocab
 
     out = Path(args.out) if args.out else None
+    refuse_existing(out or resolve_root(args.dir, "train") / "vocab.json", args.force, "the vocabulary")
     n = write_vocab(Path(args.dir), args.threshold, out)
     print(f"vocabulary of {n} words (count >= {args.threshold} in train+dev) written to {out or 'vocab.json'}")
     return 0
@@ -131,10 +139,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = dsub.add_parser("synth", help="write the deterministic synthetic dataset (SCAN precomp layout)")
     s.add_argument("--out", required=True)
     s.add_argument("--variant", choices=("f30k", "coco"), default="f30k")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dim", type=int, default=256, help="feature size (2048 = the real BUTD shape)")
-    s.add_argument("--train-images", type=int, help="number of training images")
+    s.add_argument("--seed", type=non_negative_int, default=0)
+    s.add_argument("--dim", type=positive_int, default=256, help="feature size (2048 = the real BUTD shape)")
+    s.add_argument("--train-images", type=positive_int, help="number of training images")
     s.add_argument("--render", action="store_true", help="also draw every scene to images/ID.png")
+    s.add_argument("--force", action="store_true", help="overwrite a dataset already in --out")
     s.set_defaults(run=_cmd_synth)
     c = dsub.add_parser("check", help="validate a dataset fully (shapes, dtypes, counts, encoding, NaN/inf)")
     c.add_argument("dir")
@@ -148,8 +157,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(run=_cmd_convert_butd)
     v = dsub.add_parser("vocab", help="build the vocabulary JSON from train+dev captions")
     v.add_argument("dir")
-    v.add_argument("--threshold", type=int, default=VOCAB_THRESHOLD)
+    v.add_argument("--threshold", type=positive_int, default=VOCAB_THRESHOLD)
     v.add_argument("--out", help="output path (default DIR/vocab.json)")
+    v.add_argument("--force", action="store_true", help="replace an existing vocabulary file")
     v.set_defaults(run=_cmd_vocab)
     pa = dsub.add_parser("parse", help="GSMN sparse: dependency-parse {split}_caps.txt into {split}_caps.json (spaCy)")
     pa.add_argument("--data", required=True, help="dataset directory")
@@ -170,14 +180,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ir.add_argument("--ids", required=True, help="the split's {split}_ids.txt (defines the row order)")
     ir.add_argument("--out", required=True, help="directory to write {split}_ims.npy, _ims_bbx.npy, _ims_size.npy")
     ir.add_argument("--split", required=True)
-    ir.add_argument("--regions", type=int, help="cut or zero-pad every image to this many boxes (adaptive extracts)")
+    ir.add_argument("--regions", type=positive_int, help="cut or zero-pad every image to this many boxes")
     ir.add_argument("--force", action="store_true", help="overwrite existing output files")
     ir.set_defaults(run=_cmd_import_regions)
     im = dsub.add_parser("import-manifest", help="CSV/JSON Lines image-caption pairs -> raw-image layout")
     im.add_argument("--manifest", required=True, help=".csv with header image,caption or .jsonl objects")
     im.add_argument("--out", required=True, help="dataset directory to write")
     im.add_argument("--split-ratio", help="TRAIN,DEV,TEST fractions (default 0.8,0.1,0.1)")
-    im.add_argument("--seed", type=int, default=0, help="seed of the --split-ratio permutation")
+    im.add_argument("--seed", type=non_negative_int, default=0, help="seed of the --split-ratio permutation")
     im.add_argument("--split-column", help="column naming each row's split (train, dev, test, testall)")
     im.add_argument("--images", help="image folder the paths are relative to (checks every file exists)")
     im.add_argument("--force", action="store_true", help="overwrite existing output files")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from itmatch.cli.common import add_model_args, progress
-from itmatch.errors import ItmatchError
+from itmatch.cli.common import add_model_args, positive_float, positive_int, progress, refuse_existing
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -18,8 +16,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from itmatch.evaluation import format_table
     from itmatch.report import plot_recall_curves, write_json
 
-    if args.save_sims and Path(args.save_sims).exists() and not args.force:
-        raise ItmatchError(f"{args.save_sims} exists; pass --force to replace it")
+    for path in (args.out, args.plot, args.save_sims):  # refused before any work
+        refuse_existing(path, args.force)
     options = {}  # evaluation options of the methods that declare them (GSMN's box geometry)
     if args.box_compat:
         options["box_compat"] = args.box_compat
@@ -58,21 +56,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--plot", help="write recall@K curves as PNG")
     e.add_argument("--save-sims", metavar="FILE.npz",
                    help="write the (ensembled) similarity matrix with its image and caption ids (numpy .npz)")
-    e.add_argument("--force", action="store_true", help="replace an existing --save-sims file")
-    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--force", action="store_true", help="replace existing --out, --plot or --save-sims files")
+    e.add_argument("--batch-size", type=positive_int, default=128)
     add_model_args(e)
     e.add_argument("--cxc", metavar="DIR", help="also report CxC recalls (COCO testall; DIR holds cxc_annots files)")
     e.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default=None,
                    help="scoring dtype (default: the original's: float64 numpy for most, float32 for GSMN); "
                         "float32 is faster")
     e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
-    e.add_argument("--memory-budget", type=float, metavar="MB",
+    e.add_argument("--memory-budget", type=positive_float, metavar="MB",
                    help="memory for cross-attention intermediates per tile (changes speed, never scores)")
     e.add_argument("--box-compat", nargs="?", const="release", default="", choices=("release", "upstream"),
                    help="GSMN: score with the original's box geometry (cumulative in-place division, row aliasing) "
                         "to reproduce its numbers for its released checkpoints: 'release' (bare --box-compat) with "
                         "the code they were released with (x / height, y / width), 'upstream' with today's data.py")
-    e.add_argument("--box-compat-batch", type=int, default=None, metavar="N",
+    e.add_argument("--box-compat-batch", type=positive_int, default=None, metavar="N",
                    help="the original's eval batch size (default: the checkpoint's opt.batch_size, else 64; the "
                         "releases: 64 for F30K, 32 for COCO)")
     e.set_defaults(run=_cmd_eval)

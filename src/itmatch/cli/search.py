@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from itmatch.cli.common import Parser, add_model_args, progress
+from itmatch.cli.common import Parser, add_model_args, non_negative_int, positive_int, progress, refuse_existing
 from itmatch.errors import ItmatchError
 
 
@@ -18,8 +18,12 @@ def _index_spec(args: argparse.Namespace):
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from itmatch.search import build_index
 
+    refuse_existing(Path(args.out) / "meta.json", args.force, "the index in it")
+    refuse_existing(Path(args.out) / "index.faiss", args.force, "the index in it")
     started = time.perf_counter()
     index = build_index(args.ckpt, args.data, split=args.split, gallery=args.gallery, spec=_index_spec(args),
                         out=args.out, batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
@@ -99,13 +103,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ib.add_argument("--out", required=True, help="index directory to write (index.faiss + meta.json)")
     ib.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat",
                     help="flat: exact inner product (default); ivf / hnsw: approximate, faster on large galleries")
-    ib.add_argument("--nlist", type=int, default=1024, help="ivf: number of k-means lists (about 4 sqrt(N))")
-    ib.add_argument("--nprobe", type=int, default=16, help="ivf: lists searched per query (default at search time)")
-    ib.add_argument("--train-size", type=int, default=0, help="ivf: k-means sample (default min(N, 64 nlist))")
-    ib.add_argument("--m", type=int, default=32, help="hnsw: links per node")
-    ib.add_argument("--ef-construction", type=int, default=40, help="hnsw: candidate list while building")
-    ib.add_argument("--ef-search", type=int, default=64, help="hnsw: candidate list while searching")
-    ib.add_argument("--batch-size", type=int, default=128)
+    ib.add_argument("--nlist", type=positive_int, default=1024, help="ivf: number of k-means lists (about 4 sqrt(N))")
+    ib.add_argument("--nprobe", type=positive_int, default=16, help="ivf: lists searched per query (search default)")
+    ib.add_argument("--train-size", type=non_negative_int, default=0, help="ivf: k-means sample (0: min(N, 64 nlist))")
+    ib.add_argument("--m", type=positive_int, default=32, help="hnsw: links per node")
+    ib.add_argument("--ef-construction", type=positive_int, default=40, help="hnsw: candidate list while building")
+    ib.add_argument("--ef-search", type=positive_int, default=64, help="hnsw: candidate list while searching")
+    ib.add_argument("--batch-size", type=positive_int, default=128)
+    ib.add_argument("--force", action="store_true", help="replace an index already in --out")
     add_model_args(ib)
     ib.set_defaults(run=_cmd_index_build)
 
@@ -116,15 +121,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--image-features", help=".npy of one image's features (regions x dim), or a batch")
     se.add_argument("--image-boxes", help=".npy of --image-features' region boxes (regions x 4: x1, y1, x2, y2 "
                     "divided by the image's width and height), for a GSMN --rerank")
-    se.add_argument("-k", type=int, default=10, help="results per query")
+    se.add_argument("-k", type=positive_int, default=10, help="results per query")
     se.add_argument("--ckpt", help="model checkpoint (default: the one the index was built from; must match)")
     se.add_argument("--rerank", metavar="CKPT",
                     help="two-stage: re-rank the top --candidates with this model (SCAN, GSMN: cross-attention)")
-    se.add_argument("--candidates", type=int, default=100, help="stage-one results re-ranked by --rerank")
+    se.add_argument("--candidates", type=positive_int, default=100, help="stage-one results re-ranked by --rerank")
     se.add_argument("--data", help="dataset directory (default: the index's) for --image and re-ranking images")
     se.add_argument("--split", help="split of --image (default: the index's)")
-    se.add_argument("--nprobe", type=int, help="ivf: lists searched (default: as built)")
-    se.add_argument("--ef-search", type=int, help="hnsw: candidate list (default: as built)")
+    se.add_argument("--nprobe", type=positive_int, help="ivf: lists searched (default: as built)")
+    se.add_argument("--ef-search", type=positive_int, help="hnsw: candidate list (default: as built)")
     se.add_argument("--json", action="store_true", help="print the results as JSON")
     add_model_args(se)
     se.set_defaults(run=_cmd_search)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from itmatch.cli.common import add_model_args
+from itmatch.cli.common import add_model_args, non_negative_int, port, positive_int
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -29,14 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="index directory; give one of images (text queries) and/or one of captions (image queries)")
     sv.add_argument("--rerank", metavar="CKPT",
                     help="re-rank the top --candidates of every query with this model (SCAN: attention maps)")
-    sv.add_argument("--candidates", type=int, default=50, help="stage-one results re-ranked by --rerank")
+    sv.add_argument("--candidates", type=positive_int, default=50, help="stage-one results re-ranked by --rerank")
     sv.add_argument("--data", help="dataset directory (default: the one the indexes were built from)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-query-chars", type=int, default=500)
-    sv.add_argument("--max-k", type=int, default=100)
-    sv.add_argument("--max-upload-mb", type=int, default=4, help="largest uploaded .npy of region features")
-    sv.add_argument("--max-running", type=int, default=4, help="searches computed at once")
-    sv.add_argument("--max-waiting", type=int, default=64, help="searches queued before answering 503")
+    sv.add_argument("--port", type=port, default=8000)
+    sv.add_argument("--max-query-chars", type=positive_int, default=500)
+    sv.add_argument("--max-k", type=positive_int, default=100)
+    sv.add_argument("--max-upload-mb", type=positive_int, default=4, help="largest uploaded .npy of region features")
+    sv.add_argument("--max-running", type=positive_int, default=4, help="searches computed at once")
+    sv.add_argument("--max-waiting", type=non_negative_int, default=64, help="searches queued before answering 503")
     add_model_args(sv)
     sv.set_defaults(run=_cmd_serve)

@@ -64,8 +64,12 @@ def _records(paths: Sequence[Path]) -> Generator[tuple[str, dict[Any, Any]], Non
             raise DataError(f"BUTD feature file not found: {path}; check the --tsv path(s)") from None
         with handle:
             reader = csv.DictReader(handle, fieldnames=FIELDNAMES, delimiter="\t")
-            for record in reader:
-                yield f"{path}:{reader.line_num}", record
+            try:
+                for record in reader:
+                    yield f"{path}:{reader.line_num}", record
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{reader.line_num + 1}: not UTF-8 text; a BUTD TSV has one image per line: "
+                                "image_id, image_w, image_h, num_boxes, then base64 boxes and features") from None
 
 
 def _row_for(record: dict[Any, Any], where: str, row_of: dict[int, int]) -> int | None:

@@ -66,6 +66,9 @@ def find_vocab(root: Path, explicit: str = "", *, hint: str = TRAIN_VOCAB_HINT) 
     )
 
 
+MAX_CAPTION_CHARS = 5000  # longer lines are not captions (a 10 MB line made evaluation allocate hundreds of GB)
+
+
 def read_captions(path: Path) -> list[str]:
     """One caption per line, UTF-8, stripped (the originals read bytes and decode UTF-8)."""
     if not path.is_file():
@@ -78,6 +81,10 @@ def read_captions(path: Path) -> list[str]:
     lines = raw.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    too_long = next((k for k, line in enumerate(lines) if len(line) > MAX_CAPTION_CHARS), None)
+    if too_long is not None:
+        raise DataError(f"{path}:{too_long + 1}: a caption of {len(lines[too_long])} characters (the limit is "
+                        f"{MAX_CAPTION_CHARS}); is this a captions file, one caption per line?")
     return [line.strip() for line in lines]
 
 
