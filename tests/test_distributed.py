@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -87,14 +88,81 @@ def test_torchrun_training_writes_from_rank_0_only_and_resumes(tiny_data: Path, 
         torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_only_dot_product_models_mine_negatives_over_the_global_batch(tiny_bert: Path) -> None:
+def test_every_method_trains_under_torchrun(tiny_bert: Path) -> None:
     from tests.conftest import training_recipe
     from tests.test_models import tiny_model
 
     names = ("vsepp", "vse_infinity", "vsrn", "hrem", "scan", "gsmn")
     models = [tiny_model(name, str(tiny_bert)) for name in names]
     assert [m.is_embedding_model() for m in models] == [True] * 4 + [False] * 2
-    assert [training_recipe(m).trains_distributed for m in models] == [True] * 3 + [False] * 3
+    assert all(training_recipe(m).trains_distributed for m in models)
+
+
+def test_shares_of_the_hinge_loss_sum_to_the_whole_batch_loss() -> None:
+    """The image-anchored terms of each shard's images plus the caption-anchored terms of its captions, from its
+    rows and columns only, sum to the (B, B) loss, for any partition, hardest negative or sum."""
+    from itmatch.losses import hinge_loss, hinge_loss_shard
+
+    sims = torch.randn(9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for max_violation in (False, True):
+        whole = hinge_loss(sims, margin=0.3, max_violation=max_violation)
+        for bounds in ([0, 9], [0, 5, 9], [0, 3, 6, 9], [0, 1, 2, 9]):
+            parts = [hinge_loss_shard(sims[a:b], sims[:, a:b], a, margin=0.3, max_violation=max_violation)
+                     for a, b in itertools.pairwise(bounds)]
+            torch.testing.assert_close(sum(parts), whole, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="offset"):
+        hinge_loss_shard(sims[:3], sims[:, :3], 7)
+
+
+@pytest.mark.slow
+def test_cross_attention_methods_split_the_pairs_and_equal_one_process(tiny_bert: Path, tmp_path: Path) -> None:
+    """SCAN, GSMN (pairs scored by cross attention) and HREM (batch relation graph): with 2 ranks, each scores its
+    images against all captions and all images against its captions, and the loss and every gradient (the HREM
+    graph's included) equal one process on the concatenated batch of 7 (shards of 4 + 3, captions padded per rank)."""
+    from tests.ddp_worker import PAIR_IDS, pair_setup
+
+    names = ("scan", "gsmn", "hrem")
+    torchrun("pairs", str(tiny_bert), str(tmp_path / "ddp.pt"), *names)
+    ranks = [torch.load(tmp_path / f"ddp.pt.{r}") for r in range(2)]
+    b = len(PAIR_IDS)
+    for name in names:
+        ddp = ranks[0][name]
+        if name != "hrem":
+            assert ranks[0][name]["scored"] == [(4, b), (b, 4)], ranks[0][name]["scored"]
+            assert ranks[1][name]["scored"] == [(3, b), (b, 3)], ranks[1][name]["scored"]
+            assert ranks[1][name]["loss"] == ddp["loss"]  # every rank reports the global loss
+        model, recipe, (images, captions, lengths, extras) = pair_setup(name, str(tiny_bert))
+        loss = recipe.loss(images, captions, lengths, epoch=0, **extras)["loss"]
+        loss.backward()
+        torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-5, atol=1e-5, msg=name)
+        modules = {"model": model, **recipe.modules()}
+        grads = {f"{m}.{n}": p.grad for m, module in modules.items()
+                 for n, p in module.named_parameters() if p.grad is not None}
+        assert grads.keys() == ddp["grads"].keys(), name
+        assert any(n.startswith("graph.") for n in grads) == (name == "hrem")
+        for key, grad in grads.items():
+            torch.testing.assert_close(ddp["grads"][key], grad, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_scan_under_torchrun_resumes_to_the_weights_of_one_process(tiny_data: Path, tmp_path: Path) -> None:
+    """A 2-process SCAN run crashes mid-epoch, resumes under torchrun, and ends where one process ends."""
+    from itmatch.checkpoints import native
+    from itmatch.train import CHECKPOINT, fit
+    from tests.ddp_worker import tiny_config
+
+    run, log = tmp_path / "run", tmp_path / "writes.log"
+    preset = ("--preset", "scan_synth_t2i_avg")
+    crashed = torchrun("fit", str(tiny_data), str(run), str(log), "--crash-at", "6", *preset, check=False)
+    assert crashed.returncode != 0
+    assert native.load(run / CHECKPOINT)["state"]["global_step"] == 4
+    torchrun("fit", str(tiny_data), str(run), str(log), "--resume", *preset)
+    ref = fit(tiny_config(str(tiny_data), preset="scan_synth_t2i_avg"), tmp_path / "ref")
+    got = native.load(run / CHECKPOINT)
+    assert got["state"]["global_step"] == ref["steps"] == 2 * 14
+    expected = native.load(tmp_path / "ref" / CHECKPOINT)["model"]
+    for name, value in expected.items():
+        torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bf16_autocast_trains_and_fp16_needs_a_gpu(tiny_data: Path, tmp_path: Path) -> None:
