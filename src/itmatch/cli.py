@@ -199,7 +199,7 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
               batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
               cxc: str = "", dtype: str | None = None, budget_mb: float | None = None, box_compat: str = "",
-              compat_batch_size: int | None = None) -> dict:
+              compat_batch_size: int | None = None, tiles: dict | None = None) -> dict | None:
     import torch
 
     from itmatch.checkpoints.loader import load_model
@@ -232,12 +232,23 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
                 options |= {"box_compat": box_compat,
                             "box_compat_batch": compat_batch_size or loaded.original_batch_size or 64}
             scorer = compute_fold_sims if fold5 else compute_sims
-            sims = scorer(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                          progress=progress, dtype=getattr(torch, dtype) if dtype else None, options=options)
+            if tiles is not None:  # under torchrun or with --tiles-dir: tiles over the ranks, rank 0 gets the matrix
+                from itmatch.sharded import sharded_sims
+
+                sims, _ = sharded_sims(loaded.model, split_data, loaded.vocab, fold5=fold5, batch_size=batch_size,
+                                       device=device, progress=progress, options=options,
+                                       dtype=getattr(torch, dtype) if dtype else None, **tiles)
+            else:
+                sims = scorer(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
+                              progress=progress, dtype=getattr(torch, dtype) if dtype else None, options=options)
+            if sims is None:  # a torchrun rank other than 0
+                continue
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
         names.append(f"{loaded.config.model.name}:{path}")
+    if sims_sum is None:  # a torchrun rank other than 0: rank 0 reports
+        return None
     sims = sims_sum / len(ckpts)  # ensembles average the similarity matrices, as the papers
     results = evaluate_sims(sims, fold5=fold5, curves=True)
     results.update({"models": names, "split": split, "data": str(root), "fold5": fold5})
@@ -267,14 +278,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.backends.cuda.matmul.allow_tf32 = True
+    from itmatch import distributed, sharded
     from itmatch.evaluation import format_table
     from itmatch.report import plot_recall_curves, write_json
 
-    results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
-                        batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
-                        bert_path=args.bert_path or "", cxc=args.cxc or "", dtype=args.dtype,
-                        budget_mb=args.memory_budget, box_compat=args.box_compat,
-                        compat_batch_size=args.box_compat_batch)
+    tiles = None
+    if distributed.launched_by_torchrun() or args.tiles_dir:
+        if args.cxc:
+            raise ItmatchError("--cxc runs in one process, without torchrun or --tiles-dir")
+        if args.tile_images < 1 or args.tile_captions < 0:
+            raise ItmatchError("--tile-images must be >= 1 and --tile-captions >= 0 (0 = every caption)")
+        tiles = {"tiles_dir": args.tiles_dir, "tile_images": args.tile_images, "tile_captions": args.tile_captions}
+    with sharded.process_group(args.device) as device:
+        results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5,
+                            progress=_progress(args) and sharded.is_main(), batch_size=args.batch_size, device=device,
+                            vocab=args.vocab or "", bert_path=args.bert_path or "", cxc=args.cxc or "",
+                            dtype=args.dtype, budget_mb=args.memory_budget, box_compat=args.box_compat,
+                            compat_batch_size=args.box_compat_batch, tiles=tiles)
+    if results is None:  # a torchrun rank other than 0
+        return 0
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
     print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
     if "cxc" in results:
@@ -532,6 +554,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--box-compat-batch", type=int, default=None, metavar="N",
                    help="the original's eval batch size (default: the checkpoint's opt.batch_size, else 64; the "
                         "releases: 64 for F30K, 32 for COCO)")
+    e.add_argument("--tiles-dir", metavar="DIR",
+                   help="keep every scored tile of images x captions in DIR and reuse them after an interruption "
+                        "(keyed by a fingerprint of weights, data and options; never changes scores)")
+    e.add_argument("--tile-images", type=int, default=1024, metavar="N",
+                   help="images per tile under torchrun / --tiles-dir (default 1024: bit-identical to one process)")
+    e.add_argument("--tile-captions", type=int, default=0, metavar="N",
+                   help="captions per tile (default 0: all of them, or all of a fold's with --fold5)")
     e.set_defaults(run=_cmd_eval)
 
     d = sub.add_parser("data", help="create, check and convert datasets")
