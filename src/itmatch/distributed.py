@@ -8,11 +8,10 @@ negatives over the global batch: the embeddings of every rank are all-gathered w
 flow back to the shard that produced each embedding; DDP then averages parameter gradients over ranks, which
 makes the update equal to one process training on the concatenated batch.
 
-Cross-attention methods (SCAN, GSMN) gather their per-region and per-word features instead (words zero-padded to
-the longest caption of the global batch, with their lengths) and split the quadratic scoring: each rank scores its
-own images against every caption and every image against its own captions, which holds the full row of each of
-its images and the full column of each of its captions, so the hardest negatives are mined over the global batch
-(`Collective`, `itmatch.losses.hinge_loss_shard`).
+Cross-attention methods (SCAN, GSMN) gather their captions' per-word features instead (zero-padded to the longest
+caption of the global batch, with their lengths) and split the quadratic scoring: each rank scores its own images
+against every caption and the rows are all-gathered with autograd, so each pair is scored once and every rank mines
+the hardest negatives in the global batch's matrix (`Collective`, `itmatch.recipe.Recipe.similarity`).
 """
 
 from __future__ import annotations
@@ -122,10 +121,8 @@ def pad_to(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
 class Collective:
     """What a training recipe needs from the process group; every method is the identity in one process.
 
-    `gather` and `gather_padded` keep autograd (gradients flow back to each rank's own rows); `total` and `longest`
-    are plain reductions. A recipe whose ranks each compute a share `local` of the loss returns
-    `global_loss(local)`: its value is the sum over ranks (what one process reports) and its gradient is
-    `world_size` times the local one, so that DistributedDataParallel's mean over ranks is the gradient of the sum.
+    `gather` and `gather_padded` keep autograd (gradients flow back to each rank's own rows, summed over the
+    ranks); `counts`, `longest` and `total` are plain collectives.
     """
 
     @property
@@ -175,12 +172,6 @@ class Collective:
         dist.all_reduce(out)
         return out
 
-    def global_loss(self, local: torch.Tensor) -> torch.Tensor:
-        """The summed loss of every rank's share, with the gradient that DDP's averaging turns into the sum's."""
-        if not active():
-            return local
-        scaled = local * self.world_size
-        return scaled - scaled.detach() + self.total(local)
 
 
 def shard(batch: list[int], rank: int, world_size: int) -> list[int]:

@@ -23,31 +23,6 @@ def hinge_loss(sims: torch.Tensor, *, margin: float = 0.2, max_violation: bool =
     return cost_cap.sum() + cost_img.sum()
 
 
-def hinge_loss_shard(rows: torch.Tensor, cols: torch.Tensor, offset: int, *, margin: float = 0.2,
-                     max_violation: bool = False) -> torch.Tensor:
-    """The share of `hinge_loss` that belongs to pairs offset .. offset + n - 1 of a global (B, B) batch.
-
-    rows (n, B): those images against every caption (image i's positive in column offset + i); cols (B, n): every
-    image against those captions (caption j's positive in row offset + j). The image-anchored terms of the n images
-    and the caption-anchored terms of the n captions: the shares of a partition of the batch sum to
-    `hinge_loss(sims)`, and each needs only its own rows and columns of the matrix, so the hardest negative of every
-    anchor is still mined over the whole batch.
-    """
-    n, b = rows.shape
-    if cols.shape != (b, n) or not 0 <= offset <= b - n:
-        raise ValueError(f"hinge_loss_shard: rows {tuple(rows.shape)}, cols {tuple(cols.shape)}, offset {offset}")
-    own = torch.arange(n, device=rows.device)
-    pos_rows = rows[own, offset + own]  # (n,) positives of the images
-    pos_cols = cols[offset + own, own]  # (n,) positives of the captions
-    eye_rows = torch.zeros(n, b, dtype=torch.bool, device=rows.device)
-    eye_rows[own, offset + own] = True
-    cost_cap = (margin + rows - pos_rows[:, None]).clamp(min=0).masked_fill(eye_rows, 0)  # image i as query
-    cost_img = (margin + cols - pos_cols[None, :]).clamp(min=0).masked_fill(eye_rows.T, 0)  # caption j as query
-    if max_violation:
-        return cost_cap.max(dim=1).values.sum() + cost_img.max(dim=0).values.sum()
-    return cost_cap.sum() + cost_img.sum()
-
-
 def caption_nll(logprobs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked negative log-likelihood of a captioner: summed over tokens, averaged over captions.
 

@@ -5,10 +5,11 @@ The training loop (`itmatch.train`) builds one `Recipe` per run from the method'
 training-only modules draw their initial weights after the model's, as the originals), and calls it; models only
 encode and score. `collective` is what torchrun needs (identity in one process): a dot-product method mines
 negatives over the global batch by gathering its pooled embeddings and computing the loss of the whole batch on
-every rank; a cross-attention method gathers its per-region and per-word features and scores only its share of the
-pairs (its images against every caption, every image against its captions), which holds every row and column its
-anchors need, so the hardest negatives are still mined over the global batch and the quadratic work is split.
-Either way the loss and every gradient equal one process's on the concatenated batch.
+every rank; a cross-attention method gathers its captions' per-word features, scores only its own images against
+every caption and gathers those rows, so each pair is scored once over the ranks (the quadratic work is split) and
+every rank mines the hardest negatives in the whole (B, B) matrix. Either way the loss and every gradient equal one
+process's on the concatenated batch: each rank's gradient is N times its share (gathers sum the ranks' identical
+losses' gradients) and DistributedDataParallel averages over the N ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from itmatch.distributed import Collective
 from itmatch.errors import CheckpointError
-from itmatch.losses import hinge_loss, hinge_loss_shard
+from itmatch.losses import hinge_loss
 from itmatch.models.base import Encoded, RetrievalModel
 
 
@@ -62,11 +63,6 @@ class Recipe:
         `image_lengths` (B,) counts the valid regions when training drops regions (`train.region_drop`); `inputs`
         are the model's extra encoder inputs (`MethodSpec.inputs`) and this recipe's `batch_inputs`.
         """
-        if self.collective.world_size > 1 and not self.model.is_embedding_model():
-            rows, cols, offset = self.shard_similarity(images, captions, lengths, image_lengths=image_lengths,
-                                                       **inputs)
-            local = hinge_loss_shard(rows, cols, offset, margin=self.margin, max_violation=self.max_violation)
-            return {"loss": self.collective.global_loss(local)}
         sims = self.similarity(images, captions, lengths, image_lengths=image_lengths, **inputs)
         return {"loss": hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)}
 
@@ -81,21 +77,15 @@ class Recipe:
 
     def similarity(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
                    image_lengths: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
-        """The batch's (B, B) similarities with gradients; pooled embeddings are gathered over the global batch."""
+        """The global batch's (B, B) similarities with gradients.
+
+        Embedding models gather their pooled embeddings. Cross-attention models gather the captions' per-word
+        features and score only this rank's images against every caption; the rows are then gathered, so each pair
+        is scored once over the ranks and every rank holds the whole matrix to mine the hardest negatives in."""
         encoded, texts = self.encode(images, captions, lengths, image_lengths=image_lengths, **inputs)
         if self.model.is_embedding_model():
-            encoded, texts = Encoded(self.collective(encoded.emb)), Encoded(self.collective(texts.emb))
-        return self.model.similarity(encoded, texts)
-
-    def shard_similarity(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
-                         image_lengths: torch.Tensor | None = None,
-                         **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """This rank's share of the global batch's similarities, with gradients: (its images x every caption
-        (n, B), every image x its captions (B, n), offset of its pairs in the global batch)."""
-        own_images, own_texts = self.encode(images, captions, lengths, image_lengths=image_lengths, **inputs)
-        all_images, all_texts = gather_encoded(own_images, self.collective), gather_encoded(own_texts, self.collective)
-        offset = sum(self.collective.counts(len(images), images.device)[: self.collective.rank])
-        return (self.model.similarity(own_images, all_texts), self.model.similarity(all_images, own_texts), offset)
+            return self.model.similarity(Encoded(self.collective(encoded.emb)), Encoded(self.collective(texts.emb)))
+        return self.collective(self.model.similarity(encoded, gather_encoded(texts, self.collective)))
 
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
         """The method's optimizer; the loop rescales every group's lr by its step schedule."""
