@@ -1,7 +1,7 @@
 """Worker started by `torchrun` in tests/test_distributed.py (not a test module itself).
 
     ddp_worker.py grads DATA OUT_FILE       one DDP forward/backward of a global batch; rank 0 saves loss + grads
-    ddp_worker.py fit DATA OUT_DIR LOG [--crash-at N] [--resume] [--preset NAME]
+    ddp_worker.py fit DATA OUT_DIR LOG [--crash-at N] [--resume] [--preset NAME] [--epochs N]
                                             `fit` under torchrun; every checkpoint write is logged with its rank
     ddp_worker.py pairs BERT OUT_FILE NAME...
                                             per method: one DDP forward/backward of `pair_setup`'s global batch;
@@ -117,7 +117,7 @@ def pairs(bert: str, out_file: str, *names: str) -> None:
     distributed.teardown()
 
 
-def fit_run(data: str, out_dir: str, log: str, crash_at: int, resume: bool, preset: str) -> None:
+def fit_run(data: str, out_dir: str, log: str, crash_at: int, resume: bool, preset: str, epochs: str) -> None:
     from itmatch.checkpoints import native
     from itmatch.train import fit
 
@@ -135,7 +135,8 @@ def fit_run(data: str, out_dir: str, log: str, crash_at: int, resume: bool, pres
         if state.global_step == crash_at:
             raise SystemExit(3)
 
-    fit(tiny_config(data, preset=preset), out_dir, resume=resume, on_step=crash if crash_at else None)
+    overrides = [f"train.epochs={epochs}"] if epochs else []
+    fit(tiny_config(data, *overrides, preset=preset), out_dir, resume=resume, on_step=crash if crash_at else None)
 
 
 if __name__ == "__main__":
@@ -152,4 +153,5 @@ if __name__ == "__main__":
     else:
         crash_at = int(rest[rest.index("--crash-at") + 1]) if "--crash-at" in rest else 0
         preset = rest[rest.index("--preset") + 1] if "--preset" in rest else "vsepp_synth"
-        fit_run(rest[0], rest[1], rest[2], crash_at, "--resume" in rest, preset)
+        epochs = rest[rest.index("--epochs") + 1] if "--epochs" in rest else ""
+        fit_run(rest[0], rest[1], rest[2], crash_at, "--resume" in rest, preset, epochs)

@@ -13,7 +13,8 @@ one by one, and none observed for dot products; the tests check 1e-12).
 With a tiles directory every finished tile is written atomically to DIR/FINGERPRINT/TILE.npy and read back instead of
 being scored again after an interruption. The fingerprint covers the weights (SHA-256 of the state dict), the model
 config, the split's files (path, size, mtime) and captions, and every option that can change a score (dtype, fold5,
-evaluation options, batch size, tile geometry), so tiles of another model or data are never mixed in.
+evaluation options, batch size, tile geometry) and the itmatch version, so tiles of another model or data are never
+mixed in.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def plan_tiles(n_images: int, n_captions: int, *, folds: int = 0, tile_images: i
 def fingerprint(model: RetrievalModel, split: Any, settings: Mapping[str, Any]) -> str:
     """SHA-256 of what a tile's scores depend on: weights, model config, the split's files and captions, and the
     scoring `settings`."""
+    from itmatch import __version__
     from itmatch.search import weights_sha256
 
     files = []
@@ -83,6 +85,7 @@ def fingerprint(model: RetrievalModel, split: Any, settings: Mapping[str, Any]) 
         stat = path.stat()
         files.append([path.name, stat.st_size, stat.st_mtime_ns])
     record = {
+        "itmatch": __version__,
         "weights": weights_sha256(model),
         "model": repr(model.cfg),
         "data": {"root": str(Path(split.root).resolve()), "split": split.split, "n_images": split.n_images,
