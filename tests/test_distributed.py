@@ -87,14 +87,65 @@ def test_torchrun_training_writes_from_rank_0_only_and_resumes(tiny_data: Path, 
         torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_only_dot_product_models_mine_negatives_over_the_global_batch(tiny_bert: Path) -> None:
+def test_every_method_trains_under_torchrun(tiny_bert: Path) -> None:
     from tests.conftest import training_recipe
     from tests.test_models import tiny_model
 
     names = ("vsepp", "vse_infinity", "vsrn", "hrem", "scan", "gsmn")
     models = [tiny_model(name, str(tiny_bert)) for name in names]
     assert [m.is_embedding_model() for m in models] == [True] * 4 + [False] * 2
-    assert [training_recipe(m).trains_distributed for m in models] == [True] * 3 + [False] * 3
+    assert all(training_recipe(m).trains_distributed for m in models)
+
+
+@pytest.mark.slow
+def test_cross_attention_methods_split_the_pairs_and_equal_one_process(tiny_bert: Path, tmp_path: Path) -> None:
+    """SCAN, GSMN (pairs scored by cross attention) and HREM (batch relation graph): with 2 ranks, each scores only
+    its images against all captions (each pair once), and the loss and every gradient (the HREM graph's included)
+    equal one process on the concatenated batch of 7 (shards of 4 + 3, captions padded per rank)."""
+    from tests.ddp_worker import PAIR_IDS, pair_setup
+
+    names = ("scan", "gsmn", "hrem")
+    torchrun("pairs", str(tiny_bert), str(tmp_path / "ddp.pt"), *names)
+    ranks = [torch.load(tmp_path / f"ddp.pt.{r}") for r in range(2)]
+    b = len(PAIR_IDS)
+    for name in names:
+        ddp = ranks[0][name]
+        if name != "hrem":
+            assert ranks[0][name]["scored"] == [(4, b)], ranks[0][name]["scored"]
+            assert ranks[1][name]["scored"] == [(3, b)], ranks[1][name]["scored"]
+            assert ranks[1][name]["loss"] == ddp["loss"]  # every rank reports the global loss
+        model, recipe, (images, captions, lengths, extras) = pair_setup(name, str(tiny_bert))
+        loss = recipe.loss(images, captions, lengths, epoch=0, **extras)["loss"]
+        loss.backward()
+        torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-5, atol=1e-5, msg=name)
+        modules = {"model": model, **recipe.modules()}
+        grads = {f"{m}.{n}": p.grad for m, module in modules.items()
+                 for n, p in module.named_parameters() if p.grad is not None}
+        assert grads.keys() == ddp["grads"].keys(), name
+        assert any(n.startswith("graph.") for n in grads) == (name == "hrem")
+        for key, grad in grads.items():
+            torch.testing.assert_close(ddp["grads"][key], grad, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_scan_under_torchrun_resumes_to_the_weights_of_one_process(tiny_data: Path, tmp_path: Path) -> None:
+    """A 2-process SCAN run crashes mid-epoch, resumes under torchrun, and ends where one process ends."""
+    from itmatch.checkpoints import native
+    from itmatch.training import CHECKPOINT, fit
+    from tests.ddp_worker import tiny_config
+
+    run, log = tmp_path / "run", tmp_path / "writes.log"
+    preset = ("--preset", "scan_synth_t2i_avg", "--epochs", "1")
+    crashed = torchrun("fit", str(tiny_data), str(run), str(log), "--crash-at", "6", *preset, check=False)
+    assert crashed.returncode != 0
+    assert native.load(run / CHECKPOINT)["state"]["global_step"] == 4
+    torchrun("fit", str(tiny_data), str(run), str(log), "--resume", *preset)
+    ref = fit(tiny_config(str(tiny_data), "train.epochs=1", preset="scan_synth_t2i_avg"), tmp_path / "ref")
+    got = native.load(run / CHECKPOINT)
+    assert got["state"]["global_step"] == ref["steps"] == 14
+    expected = native.load(tmp_path / "ref" / CHECKPOINT)["model"]
+    for name, value in expected.items():
+        torch.testing.assert_close(got["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bf16_autocast_trains_and_fp16_needs_a_gpu(tiny_data: Path, tmp_path: Path) -> None:

@@ -316,9 +316,12 @@ def test_training_loss_is_base_plus_graph_terms_plus_weighted_kl(tiny_bert: Path
         img_g, cap_g, reg = recipe.graph(img, cap, regions, words, lengths)
 
     def losses(seed: int, graph: bool) -> dict:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the loss draws from its own per-step stream: the global one is neither read ...
+        outside = torch.get_rng_state()
+        draws = recipe.draw_seed()
         terms = recipe.loss(images, captions, lengths, epoch=0, image_ids=ids)
-        torch.manual_seed(seed)  # the same draws, in upstream's order: base, (img, cap_g), (img_g, cap), (img_g, cap_g)
+        assert torch.equal(torch.get_rng_state(), outside)  # ... nor advanced
+        torch.manual_seed(draws)  # the same draws, in upstream order: base, (img, cap_g), (img_g, cap), (img_g, cap_g)
         want = {"base": distance_weighted_triplet_loss(img @ cap.T, ids)}
         if graph:
             want["graph"] = (distance_weighted_triplet_loss(img @ cap_g.T, ids)

@@ -217,14 +217,16 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
              batch_size: int = 128, device: str = "cpu", dtype: str | torch.dtype | None = None,
              options: Mapping[str, Any] | None = None, cxc: str | os.PathLike | None = None,
              vocab: str = "", bert_path: str = "", memory_budget_mb: float | None = None,
-             progress: bool = False) -> Evaluation:
+             tiles: Mapping[str, Any] | None = None, progress: bool = False) -> Evaluation | None:
     """Evaluate one model or an ensemble (averaged similarity matrices, as the papers) on a dataset split.
 
     `dataset`: a `Dataset`, a directory (split `split`), or None for the dataset the first model was trained on.
     `protocol`: "all" (Flickr30K 1K, COCO 5K: the whole split) or "fold5" (COCO 1K: the mean over five folds of
     1000 images; only the five diagonal blocks are scored). `options`: evaluation options the methods accept
     (GSMN: `box_compat` "release" / "upstream", `box_compat_batch`). `cxc`: a directory of CxC annotations (one
-    embedding model on COCO testall)."""
+    embedding model on COCO testall). `tiles` (`tiles_dir`, `tile_images`, `tile_captions`) scores the matrix in
+    tiles spread over the torchrun ranks and kept on disk for a resumed run (`itmatch.sharded`); then ranks other
+    than 0 return None."""
     from itmatch.data.precomp import resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
     from itmatch.inference import compute_fold_sims, compute_sims
@@ -270,6 +272,14 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
             method_options["box_compat_batch"] = matcher.original_batch_size or 64
         if cxc:
             sims, cxc_results = _cxc(matcher, split_data, cxc, batch_size=batch_size, progress=progress)
+        elif tiles is not None:  # tiles over the ranks (and on disk): rank 0 gets the matrix, the others None
+            from itmatch.sharded import sharded_sims
+
+            sims, _ = sharded_sims(matcher.model, split_data, matcher.tokenizer, fold5=fold5, batch_size=batch_size,
+                                   device=device, progress=progress, options=method_options, dtype=torch_dtype,
+                                   **tiles)
+            if sims is None:
+                continue
         else:  # with fold5 only the five diagonal blocks, (5, n/5, n), are scored
             scorer = compute_fold_sims if fold5 else compute_sims
             sims = scorer(matcher.model, split_data, matcher.tokenizer, batch_size=batch_size, device=device,
@@ -281,7 +291,9 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
             raise ItmatchError(f"{where}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
         names.append(f"{matcher.name}:{where}")
-    assert sims_sum is not None and root is not None
+    if sims_sum is None:  # a torchrun rank other than 0: rank 0 reports
+        return None
+    assert root is not None
     sims = sims_sum / len(items)  # ensembles average the similarity matrices, as the papers
     results = evaluate_sims(sims, fold5=fold5, curves=True)
     results.update({"models": names, "split": split, "data": str(root), "fold5": fold5})

@@ -7,6 +7,11 @@ negatives over the global batch: the embeddings of every rank are all-gathered w
 (`torch.distributed.nn.functional.all_gather`), so each rank computes the loss of the whole batch and gradients
 flow back to the shard that produced each embedding; DDP then averages parameter gradients over ranks, which
 makes the update equal to one process training on the concatenated batch.
+
+Cross-attention methods (SCAN, GSMN) gather their captions' per-word features instead (zero-padded to the longest
+caption of the global batch, with their lengths) and split the quadratic scoring: each rank scores its own images
+against every caption and the rows are all-gathered with autograd, so each pair is scored once and every rank mines
+the hardest negatives in the global batch's matrix (`Collective`, `itmatch.recipe.Recipe.similarity`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from itmatch.errors import ConfigError
 
@@ -83,6 +89,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not active():
         return x
+    if not x.requires_grad:  # ids, lengths, detached features: a plain collective
+        counts = Collective().counts(len(x), x.device)
+        parts = [x.new_zeros(max(counts), *x.shape[1:]) for _ in counts]
+        dist.all_gather(parts, pad_to(x, max(counts), dim=0).contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
     from torch.distributed.nn.functional import all_gather
 
     size = torch.tensor([len(x)], device=x.device)
@@ -96,6 +107,71 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         warnings.simplefilter("ignore", FutureWarning)
         parts = all_gather(x)
     return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+
+
+def pad_to(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """`x` zero-padded at the end of `dim` to `width`."""
+    pad = width - x.shape[dim]
+    if pad <= 0:
+        return x
+    spec = [0, 0] * (x.ndim - dim - 1) + [0, pad]
+    return F.pad(x, spec)
+
+
+class Collective:
+    """What a training recipe needs from the process group; every method is the identity in one process.
+
+    `gather` and `gather_padded` keep autograd (gradients flow back to each rank's own rows, summed over the
+    ranks); `counts`, `longest` and `total` are plain collectives.
+    """
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if active() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if active() else 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gather(x)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows (N_r, ...) concatenated in rank order, with autograd."""
+        return gather_with_grad(x)
+
+    def gather_padded(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """As `gather`, for per-word or per-region features whose length along `dim` differs between ranks: each
+        shard is zero-padded to the longest first (the width one process pads the whole batch to)."""
+        if not active():
+            return x
+        return gather_with_grad(pad_to(x, self.longest(x.shape[dim], x.device), dim))
+
+    def counts(self, n: int, device: torch.device | str = "cpu") -> list[int]:
+        """Every rank's `n` (its shard size), in rank order."""
+        if not active():
+            return [n]
+        size = torch.tensor([n], device=device)
+        sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, size)
+        return [int(s) for s in sizes]
+
+    def longest(self, n: int, device: torch.device | str = "cpu") -> int:
+        """The largest `n` over ranks."""
+        if not active():
+            return n
+        value = torch.tensor([n], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value)
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of a detached tensor over ranks."""
+        if not active():
+            return x.detach()
+        out = x.detach().clone()
+        dist.all_reduce(out)
+        return out
+
 
 
 def shard(batch: list[int], rank: int, world_size: int) -> list[int]:

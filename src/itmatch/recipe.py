@@ -3,25 +3,26 @@ selection criterion and training-only modules and state.
 
 The training loop (`itmatch.training`) builds one `Recipe` per run from the method's spec, right after the model (so
 training-only modules draw their initial weights after the model's, as the originals), and calls it; models only
-encode and score. `gather` is the loop's all-gather for torchrun: a dot-product method mines negatives over the
-global batch by gathering its pooled embeddings (identity in one process).
+encode and score. `collective` is what torchrun needs (identity in one process): a dot-product method mines
+negatives over the global batch by gathering its pooled embeddings and computing the loss of the whole batch on
+every rank; a cross-attention method gathers its captions' per-word features, scores only its own images against
+every caption and gathers those rows, so each pair is scored once over the ranks (the quadratic work is split) and
+every rank mines the hardest negatives in the whole (B, B) matrix. Either way the loss and every gradient equal one
+process's on the concatenated batch: each rank's gradient is N times its share (gathers sum the ranks' identical
+losses' gradients) and DistributedDataParallel averages over the N ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from itmatch.distributed import Collective
 from itmatch.errors import CheckpointError
 from itmatch.losses import hinge_loss
 from itmatch.models.base import Encoded, RetrievalModel
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 class Recipe:
@@ -30,20 +31,19 @@ class Recipe:
 
     # Batch fields the loss takes besides images, captions and lengths (HREM: "image_ids", to group captions).
     batch_inputs: tuple[str, ...] = ()
-    # Whether the loss sees only pooled embeddings, so that torchrun training (embeddings all-gathered with
-    # gradients) equals one process on the concatenated batch. Cross-attention models never do.
+    # Whether torchrun training equals one process on the concatenated batch (what the recipe's loss gathers
+    # covers everything it reads). A recipe whose loss needs more than this class gathers sets it False.
     distributed: bool = True
 
-    def __init__(self, model: RetrievalModel, config: Any,
-                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, model: RetrievalModel, config: Any, collective: Collective | None = None) -> None:
         self.model, self.config = model, config
         self.margin = config.train.margin
         self.max_violation = config.train.max_violation
-        self.gather = gather or _identity
+        self.collective = collective or Collective()
 
     @property
     def trains_distributed(self) -> bool:
-        return self.distributed and self.model.is_embedding_model()
+        return self.distributed
 
     def modules(self) -> dict[str, nn.Module]:
         """Training-only modules (trained with the model, saved in resumable checkpoints only)."""
@@ -66,17 +66,26 @@ class Recipe:
         sims = self.similarity(images, captions, lengths, image_lengths=image_lengths, **inputs)
         return {"loss": hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)}
 
-    def similarity(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
-                   image_lengths: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
-        """The batch's (B, B) similarities with gradients; pooled embeddings are gathered over the global batch."""
+    def encode(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
+               image_lengths: torch.Tensor | None = None, **inputs: Any) -> tuple[Encoded, Encoded]:
+        """This rank's images and captions through the model's encoders (with the method's extra inputs)."""
         image_inputs, text_inputs = split_inputs(self.model, inputs)
         if image_lengths is not None:
             image_inputs["lengths"] = image_lengths
-        encoded = self.model.encode_image(images, **image_inputs)
-        texts = self.model.encode_text(captions, lengths, **text_inputs)
+        return (self.model.encode_image(images, **image_inputs),
+                self.model.encode_text(captions, lengths, **text_inputs))
+
+    def similarity(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
+                   image_lengths: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
+        """The global batch's (B, B) similarities with gradients.
+
+        Embedding models gather their pooled embeddings. Cross-attention models gather the captions' per-word
+        features and score only this rank's images against every caption; the rows are then gathered, so each pair
+        is scored once over the ranks and every rank holds the whole matrix to mine the hardest negatives in."""
+        encoded, texts = self.encode(images, captions, lengths, image_lengths=image_lengths, **inputs)
         if self.model.is_embedding_model():
-            encoded, texts = Encoded(self.gather(encoded.emb)), Encoded(self.gather(texts.emb))
-        return self.model.similarity(encoded, texts)
+            return self.model.similarity(Encoded(self.collective(encoded.emb)), Encoded(self.collective(texts.emb)))
+        return self.collective(self.model.similarity(encoded, gather_encoded(texts, self.collective)))
 
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
         """The method's optimizer; the loop rescales every group's lr by its step schedule."""
@@ -103,6 +112,16 @@ class Recipe:
                                   f"configuration's {sorted(modules)}")
         for name, module in modules.items():
             module.load_state_dict(state[name])
+
+
+def gather_encoded(encoded: Encoded, collective: Collective) -> Encoded:
+    """Every rank's encoder outputs in rank order, with autograd: pooled embeddings, or per-region / per-word
+    features zero-padded to the longest of the global batch with their lengths (regions without lengths must have
+    the same count on every rank, as in one batch)."""
+    assert encoded.offsets is None, "training batches are padded, not packed"
+    if encoded.lengths is None:
+        return Encoded(collective.gather(encoded.emb))
+    return Encoded(collective.gather_padded(encoded.emb, dim=1), collective.gather(encoded.lengths))
 
 
 def split_inputs(model: RetrievalModel, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

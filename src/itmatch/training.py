@@ -97,11 +97,11 @@ def build_model(cfg: Config, device: torch.device | str = "cpu") -> RetrievalMod
 
 
 def build_recipe(model: RetrievalModel, cfg: Config,
-                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Recipe:
+                 collective: distributed.Collective | None = None) -> Recipe:
     """The method's training recipe for `model` (built right after it: training-only modules draw their initial
-    weights after the model's)."""
+    weights after the model's); `collective` is torchrun's process group (default: one process)."""
     make = method_spec(cfg.model.name).recipe or Recipe
-    return make(model, cfg, gather)
+    return make(model, cfg, collective)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -243,14 +243,12 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     spec = method_spec(cfg.model.name)
     torch.manual_seed(tc.seed)
     model = create_model(cfg.model, device=device)
-    recipe = build_recipe(model, cfg, distributed.gather_with_grad if info.enabled else None)
+    recipe = build_recipe(model, cfg, distributed.Collective())
     if tc.region_drop and not spec.region_drop:
         raise ConfigError(f"train.region_drop needs a model that takes image lengths; {cfg.model.name} does not")
     if info.enabled and not recipe.trains_distributed:
-        why = ("scores pairs by cross attention" if not model.is_embedding_model()
-               else "builds its loss from per-word and per-region features")
-        raise ConfigError(f"{cfg.model.name} {why}, which are not gathered across processes; train it in one "
-                          "process (without torchrun)")
+        raise ConfigError(f"{cfg.model.name}'s training loss reads more than its recipe gathers across processes; "
+                          "train it in one process (without torchrun)")
     refusal = spec.ddp_refusal(cfg.model) if info.enabled else None
     if refusal:
         raise ConfigError(refusal)

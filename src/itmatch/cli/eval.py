@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from itmatch.cli.common import add_model_args, positive_float, positive_int, progress, refuse_existing
+from itmatch.cli.common import (
+    add_model_args,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    progress,
+    refuse_existing,
+)
+from itmatch.errors import ItmatchError
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -18,15 +26,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     for path in (args.out, args.plot, args.save_sims):  # refused before any work
         refuse_existing(path, args.force)
+    from itmatch import distributed, sharded
+
+    tiles = None
+    if distributed.launched_by_torchrun() or args.tiles_dir:
+        if args.cxc:
+            raise ItmatchError("--cxc runs in one process, without torchrun or --tiles-dir")
+        tiles = {"tiles_dir": args.tiles_dir, "tile_images": args.tile_images, "tile_captions": args.tile_captions}
     options = {}  # evaluation options of the methods that declare them (GSMN's box geometry)
     if args.box_compat:
         options["box_compat"] = args.box_compat
     if args.box_compat_batch is not None:
         options["box_compat_batch"] = args.box_compat_batch
-    evaluation = evaluate(args.ckpt, args.data, split=args.split, protocol="fold5" if args.fold5 else "all",
-                          batch_size=args.batch_size, device=args.device, dtype=args.dtype, options=options,
-                          cxc=args.cxc, vocab=args.vocab or "", bert_path=args.bert_path or "",
-                          memory_budget_mb=args.memory_budget, progress=progress(args))
+    with sharded.process_group(args.device) as device:
+        evaluation = evaluate(args.ckpt, args.data, split=args.split, protocol="fold5" if args.fold5 else "all",
+                              batch_size=args.batch_size, device=device, dtype=args.dtype, options=options,
+                              cxc=args.cxc, vocab=args.vocab or "", bert_path=args.bert_path or "",
+                              memory_budget_mb=args.memory_budget, tiles=tiles,
+                              progress=progress(args) and sharded.is_main())
+    if evaluation is None:  # a torchrun rank other than 0
+        return 0
     results = evaluation.results
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
     print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
@@ -73,4 +92,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--box-compat-batch", type=positive_int, default=None, metavar="N",
                    help="the original's eval batch size (default: the checkpoint's opt.batch_size, else 64; the "
                         "releases: 64 for F30K, 32 for COCO)")
+    e.add_argument("--tiles-dir", metavar="DIR",
+                   help="keep every scored tile of images x captions in DIR and reuse them after an interruption "
+                        "(keyed by a fingerprint of weights, data and options; never changes scores)")
+    e.add_argument("--tile-images", type=positive_int, default=1024, metavar="N",
+                   help="images per tile under torchrun / --tiles-dir (default 1024: bit-identical to one process)")
+    e.add_argument("--tile-captions", type=non_negative_int, default=0, metavar="N",
+                   help="captions per tile (default 0: all of them, or all of a fold's with --fold5)")
     e.set_defaults(run=_cmd_eval)

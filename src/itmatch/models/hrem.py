@@ -18,8 +18,9 @@ and the iteration counter are training-only state (`training_state_dict`), never
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,11 +29,12 @@ from torch import nn
 
 from itmatch.checkpoints.official import is_two_encoder_release, split_state
 from itmatch.config import bounded, non_negative, positive
+from itmatch.distributed import pad_to
 from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.losses import distance_weighted_triplet_loss, hinge_loss
 from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
-from itmatch.modules.instance_graph import InstanceGraph
+from itmatch.modules.instance_graph import InstanceGraph, Matches, fragment_match
 from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.pooling import masked_mean_pool, topk_mean_pool
 from itmatch.modules.region_mlp import FcMlp
@@ -153,15 +155,19 @@ class Hrem(RetrievalModel):
 class HremRecipe(Recipe):
     """Upstream `GraphLoss`: the distance-weighted triplet loss, then after `warmup_iterations` steps the instance
     graph's three extra terms and its KL regulariser; AdamW with BERT at 0.1 lr and the graph at
-    `graph_lr_factor`. The graph and the iteration counter are training-only state (never in the model's weights)."""
+    `graph_lr_factor`. The graph and the iteration counter are training-only state (never in the model's weights).
+
+    Random draws after the encoders (the sampled negatives, the graph transformer's dropout) come from a stream
+    seeded by (train.seed, iteration), not from the global one, so that every torchrun rank draws what one process
+    draws. Under torchrun every rank gathers the global batch's embeddings (with gradients), ids and lengths and
+    computes the whole loss; only the word-region fragment matching, the quadratic part of the graph, is split: each
+    rank matches its own captions' words against every image's regions, and the matches are gathered.
+    """
 
     batch_inputs = ("image_ids",)  # the loss groups the captions of one image
-    # The instance graph relates every caption's words to every image's regions within the batch: those features
-    # are not gathered across torchrun processes, so HREM trains in one process.
-    distributed = False
 
-    def __init__(self, model: Hrem, config: Any, gather: Any = None) -> None:
-        super().__init__(model, config, gather)
+    def __init__(self, model: Hrem, config: Any, collective: Any = None) -> None:
+        super().__init__(model, config, collective)
         cfg = model.cfg
         weight = next(model.parameters())
         self.graph = InstanceGraph(cfg.embed_dim, nhead=cfg.nhead, dropout=cfg.dropout, num_layers=cfg.graph_layers,
@@ -179,28 +185,57 @@ class HremRecipe(Recipe):
              image_lengths: torch.Tensor | None = None,
              image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Upstream `GraphLoss.forward`; `image_ids` (B,) groups the captions of one image (default: all distinct)."""
-        model, cfg = self.model, self.model.cfg
+        model, cfg, group = self.model, self.model.cfg, self.collective
+        if group.world_size > 1:
+            # BERT's outputs at padded positions take part in the fragment matching (captions shorter than
+            # relation_topk): pad the ids as one process pads the whole batch.
+            captions = pad_to(captions, group.longest(captions.shape[1], captions.device), dim=1)
         img, img_raw, regions = model.img_enc(images, model._image_lengths(images, image_lengths))
         cap, cap_raw, words = model.txt_enc(captions, lengths)
-        ids = torch.arange(len(img), device=img.device) if image_ids is None else image_ids.to(img.device)
+        own_words, own_lengths = words, lengths
+        img, img_raw, cap, cap_raw = (group.gather(x) for x in (img, img_raw, cap, cap_raw))
+        ids = torch.arange(len(img), device=img.device) if image_ids is None else group.gather(image_ids.to(img.device))
         kw = {"cutoff": cfg.triplet_cutoff, "margin": self.margin}
-        if epoch < cfg.vse_mean_warmup_epochs:
-            base = hinge_loss(img @ cap.T, margin=self.margin, max_violation=False)
-        else:
-            base = distance_weighted_triplet_loss(img @ cap.T, ids, **kw)
-        terms = {"base": base}
-        if self.graph_active():
-            nodes = None if cfg.norm_input else (img_raw, cap_raw)
-            img_g, cap_g, reg = self.graph(img, cap, regions, words, lengths, nodes)
-            graph = img.new_zeros(())
-            if cfg.cross_loss:  # upstream order (it matters for the sampled negatives): (img, cap_g), (img_g, cap)
-                graph = (distance_weighted_triplet_loss(img @ cap_g.T, ids, **kw)
-                         + distance_weighted_triplet_loss(img_g @ cap.T, ids, **kw))
-            graph = graph + distance_weighted_triplet_loss(img_g @ cap_g.T, ids, **kw)
-            terms |= {"graph": graph, "reg": reg}
-            base = base + graph + cfg.reg_loss_weight * reg
+        with self._draws(img.device):
+            if epoch < cfg.vse_mean_warmup_epochs:
+                base = hinge_loss(img @ cap.T, margin=self.margin, max_violation=False)
+            else:
+                base = distance_weighted_triplet_loss(img @ cap.T, ids, **kw)
+            terms = {"base": base}
+            if self.graph_active():
+                matches = self._fragment_matches(regions, own_words, own_lengths)
+                nodes = None if cfg.norm_input else (img_raw, cap_raw)
+                img_g, cap_g, reg = self.graph(img, cap, None, None, None, nodes, matches=matches)
+                graph = img.new_zeros(())
+                if cfg.cross_loss:  # upstream order (it matters for the sampled negatives): (img, cap_g), (img_g, cap)
+                    graph = (distance_weighted_triplet_loss(img @ cap_g.T, ids, **kw)
+                             + distance_weighted_triplet_loss(img_g @ cap.T, ids, **kw))
+                graph = graph + distance_weighted_triplet_loss(img_g @ cap_g.T, ids, **kw)
+                terms |= {"graph": graph, "reg": reg}
+                base = base + graph + cfg.reg_loss_weight * reg
         self.iterations += 1  # upstream counts after the forward, so step `warmup` is the first with the graph
         return {"loss": base, **terms}
+
+    def _fragment_matches(self, regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor) -> Matches:
+        """The global batch's word-region matches (no gradient): this rank's captions against every image's regions,
+        gathered over ranks (caption rows of t2i, caption columns of i2t)."""
+        group = self.collective
+        every_region = group.gather(regions.detach())
+        t2i_mean, t2i_top, i2t_mean, i2t_top = fragment_match(every_region, words.detach(), lengths,
+                                                              self.graph.topk)
+        return (group.gather(t2i_mean), group.gather(t2i_top), group.gather(i2t_mean.T).T,
+                group.gather(i2t_top.transpose(0, 1)).transpose(0, 1))
+
+    @contextlib.contextmanager
+    def _draws(self, device: torch.device) -> Iterator[None]:
+        """The random stream of this step's loss, the same on every rank and in one process."""
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.draw_seed())
+            yield
+
+    def draw_seed(self) -> int:
+        """The seed of the next step's loss draws: a function of train.seed and the iteration (so it resumes)."""
+        return (self.config.train.seed * 1_000_003 + 104_729 * (self.iterations + 1)) % 2**63
 
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
         """AdamW, weight decay 1e-4: text without BERT (lr), BERT (0.1 lr), image (lr), graph (lr x graph factor)."""

@@ -200,8 +200,8 @@ class VseInfinityRecipe(Recipe):
     upstream per branch; grid models unfreeze the backbone stage-wise and warm the loss up linearly in the epoch the
     backbone starts training."""
 
-    def __init__(self, model: VseInfinity, config: Any, gather: Any = None) -> None:
-        super().__init__(model, config, gather)
+    def __init__(self, model: VseInfinity, config: Any, collective: Any = None) -> None:
+        super().__init__(model, config, collective)
         self.epoch, self.loss_scale = -1, 1.0
 
     def on_epoch_start(self, epoch: int) -> None:

@@ -142,8 +142,8 @@ class VsrnRecipe(Recipe):
     built right after the model (as upstream's __init__ builds it after the encoders), so that removing it leaves
     the encoders' initial weights unchanged for a given seed."""
 
-    def __init__(self, model: Vsrn, config: Any, gather: Any = None) -> None:
-        super().__init__(model, config, gather)
+    def __init__(self, model: Vsrn, config: Any, collective: Any = None) -> None:
+        super().__init__(model, config, collective)
         cfg = model.cfg
         weight = next(model.parameters())
         self.caption = None
@@ -169,7 +169,7 @@ class VsrnRecipe(Recipe):
              image_lengths: torch.Tensor | None = None, **inputs: Any) -> dict[str, torch.Tensor]:
         cfg = self.model.cfg
         img_emb, regions = self.model.img_enc(images)
-        sims = self.gather(img_emb) @ self.gather(self.model.encode_text(captions, lengths).emb).T
+        sims = self.collective(img_emb) @ self.collective(self.model.encode_text(captions, lengths).emb).T
         matching = hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)
         if self.caption is None:
             return {"loss": matching}

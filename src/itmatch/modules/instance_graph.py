@@ -24,6 +24,9 @@ from torch import nn
 from itmatch.errors import DataError
 from itmatch.modules.transformer import post_norm_encoder
 
+# fragment_match's (t2i_mean (T, I), t2i_top (T, I, k), i2t_mean (I, T), i2t_top (I, T, k))
+Matches = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 def fragment_match(regions: torch.Tensor, words: torch.Tensor, word_lengths: torch.Tensor, topk: int, *,
                    chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,16 +96,22 @@ class InstanceGraph(nn.Module):
         self.mlp_t2i = nn.Sequential(nn.Linear(topk, topk, **dd), nn.ReLU(), nn.Dropout(0.0), nn.Linear(topk, 1, **dd))
         self.mlp_i2t = copy.deepcopy(self.mlp_t2i)
 
-    def relations(self, img: torch.Tensor, cap: torch.Tensor, regions: torch.Tensor, words: torch.Tensor,
-                  word_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(connection (2B, 2B) bool, relevance (2B, 2B), KL regulariser) for node order [images; captions]."""
+    def relations(self, img: torch.Tensor, cap: torch.Tensor, regions: torch.Tensor | None,
+                  words: torch.Tensor | None, word_lengths: torch.Tensor | None,
+                  matches: Matches | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(connection (2B, 2B) bool, relevance (2B, 2B), KL regulariser) for node order [images; captions].
+
+        `matches`: `fragment_match` of the batch's regions and words, when computed elsewhere (split over
+        processes); regions, words and word_lengths are then not read."""
         with torch.no_grad():
             c_ii = top_fraction(img @ img.T, self.threshold)
             c_tt = top_fraction(cap @ cap.T, self.threshold)
         r_ii = torch.exp(-torch.cdist(img, img) / self.sigma)
         r_tt = torch.exp(-torch.cdist(cap, cap) / self.sigma)
-        t2i_mean, t2i_top, i2t_mean, i2t_top = fragment_match(regions.detach(), words.detach(), word_lengths,
-                                                              self.topk)
+        if matches is None:
+            assert regions is not None and words is not None and word_lengths is not None
+            matches = fragment_match(regions.detach(), words.detach(), word_lengths, self.topk)
+        t2i_mean, t2i_top, i2t_mean, i2t_top = matches
         r_ti = self.mlp_t2i(t2i_top).squeeze(-1) + t2i_mean  # (T, I)
         r_it = self.mlp_i2t(i2t_top).squeeze(-1) + i2t_mean  # (I, T)
         c_ti = top_fraction(t2i_mean, self.threshold)
@@ -113,8 +122,9 @@ class InstanceGraph(nn.Module):
         relevance = torch.cat([torch.cat([r_ii, r_it], 1), torch.cat([r_ti, r_tt], 1)])
         return connect, relevance, reg
 
-    def forward(self, img: torch.Tensor, cap: torch.Tensor, regions: torch.Tensor, words: torch.Tensor,
-                word_lengths: torch.Tensor, nodes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def forward(self, img: torch.Tensor, cap: torch.Tensor, regions: torch.Tensor | None,
+                words: torch.Tensor | None, word_lengths: torch.Tensor | None,
+                nodes: tuple[torch.Tensor, torch.Tensor] | None = None, matches: Matches | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """img, cap (B, D) normalised embeddings; regions (B, R, D), words (B, L, D) pre-pooling features.
 
@@ -122,7 +132,7 @@ class InstanceGraph(nn.Module):
         upstream `norm_input=0` passes the embeddings before l2norm). Returns (enhanced images (B, D), enhanced
         captions (B, D), KL regulariser).
         """
-        connect, relevance, reg = self.relations(img, cap, regions, words, word_lengths)
+        connect, relevance, reg = self.relations(img, cap, regions, words, word_lengths, matches)
         mask = self.mask_weight * relevance.masked_fill(~connect, float("-inf"))
         x = torch.cat(nodes if nodes is not None else (img, cap))
         out = self.gnn(x[:, None], mask=mask)[:, 0]  # one sequence of 2B nodes, batch of 1
