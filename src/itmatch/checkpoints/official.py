@@ -28,3 +28,16 @@ def split_state(ckpt: dict[str, Any], where: str) -> tuple[dict[str, torch.Tenso
     if len(model) != 2 or not all(isinstance(sd, dict) for sd in model):
         raise CheckpointError(f"{where}: 'model' should be [image state dict, text state dict]")
     return dict(model[0]), dict(model[1])
+
+
+def option(opt: Any, name: str, kind: type, default: Any = None) -> Any:
+    """`opt.<name>` of a release converted to `kind` (float, int, str, bool), or one line naming the option."""
+    value = getattr(opt, name, default)
+    if value is None:
+        raise CheckpointError(f"the release's options have no {name}")
+    try:
+        if kind is str and not isinstance(value, str) or kind in (int, float) and isinstance(value, bool | str):
+            raise TypeError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"the release's option {name}={value!r} is not a {kind.__name__}") from None

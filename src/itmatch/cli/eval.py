@@ -27,7 +27,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for path in (args.out, args.plot, args.save_sims):  # refused before any work
         refuse_existing(path, args.force)
     from itmatch import distributed, sharded
+    from itmatch.device import check_device
 
+    check_device(args.device)
     tiles = None
     if distributed.launched_by_torchrun() or args.tiles_dir:
         if args.cxc:

@@ -156,8 +156,18 @@ def check_dataset(path: str | os.PathLike, image_dir: str = "") -> tuple[list[st
     if not splits:
         raise DataError(f"{root}: no *_ims.npy or *_caps.txt files; is this a precomp dataset directory?")
     lines, problems = [], []
+    shapes: dict[str, tuple[int, ...]] = {}
     for split in splits:
         summary, found = _check_split(root, split, image_dir)
         lines.append(summary)
         problems.extend(found)
+        try:
+            shapes[split] = tuple(read_npy_header(root / f"{split}_ims.npy")[0][1:])
+        except DataError:
+            pass
+    if len(set(shapes.values())) > 1:  # a model trained on one split cannot read another
+        first = next(iter(shapes))
+        other = next(s for s in shapes if shapes[s] != shapes[first])
+        problems.append(f"{root / f'{other}_ims.npy'}: features of shape {shapes[other]} per image, but "
+                        f"{first}_ims.npy has {shapes[first]}; every split needs the same regions and dimension")
     return lines, problems

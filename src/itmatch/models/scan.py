@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from itmatch.checkpoints.official import is_two_encoder_release, split_state
+from itmatch.checkpoints.official import is_two_encoder_release, option, split_state
 from itmatch.config import non_negative, positive
 from itmatch.errors import CheckpointError, ConfigError
 from itmatch.method import Importer, MethodSpec
@@ -125,9 +125,9 @@ def convert(official: dict[str, Any], where: str = "checkpoint") -> tuple[ScanCo
         image_dim=int(image_dim), embed_dim=int(embed_dim), word_dim=int(word_dim), vocab_size=int(vocab_size),
         num_layers=int(getattr(opt, "num_layers", 1)), bi_gru=any(k.endswith("_reverse") for k in txt_sd),
         no_imgnorm=bool(getattr(opt, "no_imgnorm", False)), no_txtnorm=bool(getattr(opt, "no_txtnorm", False)),
-        precomp_enc_type="weight_norm" if weight_norm else "basic", cross_attn=opt.cross_attn,
-        raw_feature_norm=opt.raw_feature_norm, agg_func=opt.agg_func, lambda_lse=float(opt.lambda_lse),
-        lambda_softmax=float(opt.lambda_softmax),
+        precomp_enc_type="weight_norm" if weight_norm else "basic", cross_attn=option(opt, "cross_attn", str),
+        raw_feature_norm=option(opt, "raw_feature_norm", str), agg_func=option(opt, "agg_func", str),
+        lambda_lse=option(opt, "lambda_lse", float), lambda_softmax=option(opt, "lambda_softmax", float),
     )
     renames = {"fc.weight_g": "fc.parametrizations.weight.original0",
                "fc.weight_v": "fc.parametrizations.weight.original1"}
