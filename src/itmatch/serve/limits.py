@@ -65,20 +65,22 @@ def check_k(k: int, limits: ServeLimits) -> int:
 
 def read_npy_header(body: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """(shape, fortran_order, dtype, data offset) of a `.npy` body, read from its header alone (nothing allocated
-    for the data); 400 when the header is unreadable, 415 for a format version other than 1.0 / 2.0."""
+    for the data); 400 when the header is unreadable, 415 for an unknown format version."""
     fp = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version == (2, 0):
+        elif version in ((2, 0), (3, 0)):  # 3.0 differs from 2.0 only by UTF-8 field names, which are refused
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
         else:
             raise ServeError(415, f".npy format version {version[0]}.{version[1]} is not accepted; save one image's "
-                                  "region features with numpy.save (version 1.0 or 2.0)")
+                                  "region features with numpy.save (versions 1.0 to 3.0)")
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0][:160]
         raise ServeError(400, f"unreadable .npy upload ({first})") from None
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise ServeError(400, f"unreadable .npy upload (its header declares the shape {tuple(shape)!r})")
     return tuple(shape), bool(fortran), dtype, fp.tell()
 
 
