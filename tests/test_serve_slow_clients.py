@@ -138,7 +138,7 @@ def test_trickling_clients_neither_block_the_server_nor_stay_open(indexes: list[
     assert not bad, f"{len(bad)} of {len(probes)} probes failed or were slow, first: {bad[:3]}"
     lifetimes = sorted(st["closed"] - st["opened"] for st in socks.values() if st["closed"] is not None)
     assert len(lifetimes) == n, f"{n - len(lifetimes)} trickling connections still open after {HEADER_TIMEOUT + 4} s"
-    assert lifetimes[-1] <= HEADER_TIMEOUT + 2.5, lifetimes[-5:]
+    assert lifetimes[-1] <= HEADER_TIMEOUT + 3.5, lifetimes[-5:]  # seen once per 1 s tick, plus the probes
     timed_out = [st for st in socks.values() if st["answer"].startswith(b"HTTP/1.1 408")]
     evicted = [st for st in socks.values() if st["closed"] - st["opened"] < HEADER_TIMEOUT - 1]
     assert timed_out and all(b'"detail"' in st["answer"] for st in timed_out)  # the header timeout closed some

@@ -8,8 +8,10 @@ connections, a few hundred such clients make every request, `/api/health` includ
 - closes a connection whose request head (request line and headers) is not complete `header_timeout` seconds after
   the connection opened, or after the first byte of a further request on a kept-alive connection, answering 408;
 - keeps at most `max_incomplete_per_client` connections of one client address, and `max_incomplete` in all, in that
-  state: a new one beyond the cap closes the oldest (so a flood of idle sockets evicts itself, not other clients,
-  and never reaches `limit_concurrency`, which `serve` sets above `max_incomplete`);
+  state: a new one beyond the cap closes the oldest that have been waiting at least `grace` seconds (so a flood of
+  idle sockets evicts itself, not other clients, nor a browser's or a load test's burst of fresh connections, which
+  send their heads within milliseconds; and never holds `limit_concurrency`, which `serve` sets above
+  `max_incomplete`);
 - answers a malformed request with a JSON `{"detail": ...}` 400, as every other refusal of the server.
 """
 
@@ -37,8 +39,9 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout: float = 10.0
     max_incomplete_per_client: int = 16
     max_incomplete: int = 128
-    # connections still sending a request head -> client address, oldest first; one dict per `guarded_protocol` class
-    incomplete: OrderedDict[GuardedH11Protocol, str] = OrderedDict()
+    grace: float = 1.0  # a connection is evicted by newer ones only after waiting this long for its head
+    # connections still sending a request head -> (client address, since); oldest first; one per `guarded_protocol`
+    incomplete: OrderedDict[GuardedH11Protocol, tuple[str, float]] = OrderedDict()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
@@ -70,13 +73,13 @@ class GuardedH11Protocol(H11Protocol):
     def _start_head(self) -> None:
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
         incomplete = type(self).incomplete
-        host = self._client_host()
-        incomplete[self] = host
-        same = [p for p, h in incomplete.items() if h == host]
-        for oldest in same[: max(0, len(same) - self.max_incomplete_per_client)]:
-            oldest._drop()
-        while len(incomplete) > self.max_incomplete:
-            next(iter(incomplete))._drop()
+        host, now = self._client_host(), self.loop.time()
+        incomplete[self] = (host, now)
+        for cap, mine in ((self.max_incomplete_per_client, True), (self.max_incomplete, False)):
+            waiting = [(p, since) for p, (h, since) in incomplete.items() if h == host or not mine]
+            stale = [p for p, since in waiting if now - since >= self.grace]  # oldest first
+            for oldest in stale[: max(0, len(waiting) - cap)]:
+                oldest._drop()
 
     def _end_head(self) -> None:
         timer = getattr(self, "_head_timer", None)
@@ -100,8 +103,9 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def guarded_protocol(*, header_timeout: float, max_incomplete_per_client: int, max_incomplete: int) -> Any:
+def guarded_protocol(*, header_timeout: float, max_incomplete_per_client: int, max_incomplete: int,
+                     grace: float = 1.0) -> Any:
     """A `GuardedH11Protocol` class with these limits and its own table of incomplete connections (one per server)."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {
         "header_timeout": float(header_timeout), "max_incomplete_per_client": int(max_incomplete_per_client),
-        "max_incomplete": int(max_incomplete), "incomplete": OrderedDict()})
+        "max_incomplete": int(max_incomplete), "grace": float(grace), "incomplete": OrderedDict()})
