@@ -25,7 +25,7 @@ from itmatch.checkpoints.loader import load_model
 from itmatch.data.gsmn_files import parse_dependencies, read_dependencies, split_boxes
 from itmatch.data.precomp import PrecompSplit
 from itmatch.data.tokenize import tokenize
-from itmatch.errors import GalleryIndexError
+from itmatch.errors import GalleryIndexError, QueryError
 from itmatch.search import Searcher, build_index
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.test_index import save_model
@@ -226,7 +226,7 @@ def test_an_image_query_without_boxes_is_refused_with_one_line(site: dict[str, P
     with pytest.raises(GalleryIndexError, match="needs the boxes of the query image's regions") as err:
         searcher.search_image(feats)
     assert "\n" not in str(err.value)
-    with pytest.raises(GalleryIndexError, match=r"expected \(36, 4\) per image"):
+    with pytest.raises(QueryError, match=r"expected \(36, 4\) per image"):  # itmatch.validate.check_boxes
         searcher.search_image(feats, boxes=np.zeros((35, 4), dtype=np.float32))
     assert Searcher.open(site["captions"]).image_inputs(split.ids[4]) == {}  # nothing else to read without GSMN
 

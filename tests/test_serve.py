@@ -167,7 +167,7 @@ def test_no_path_traversal(client: TestClient) -> None:
     (b"\xff\xd8\xff\xe0" + b"0" * 100, {"content-type": "image/jpeg"}, 415, "a JPEG picture was uploaded"),
     (b"hello world", {}, 415, "not a .npy file"),
     (npy(np.zeros((36, 32), np.float32))[:100], {}, 400, "unreadable .npy upload"),
-    (npy(np.array([{"a": 1}], dtype=object)), {}, 400, "unreadable .npy upload"),  # pickles are never loaded
+    (npy(np.array([{"a": 1}], dtype=object)), {}, 422, "pickled objects are never loaded"),
     (npy(np.zeros((36, 31), np.float32)), {}, 422, "this index's model reads (regions, 32)"),
     (npy(np.zeros((2, 36, 32), np.float32)), {}, 422, "features have shape (2, 36, 32)"),
     (npy(np.zeros(32, np.float32)), {}, 422, "features have shape (32,)"),

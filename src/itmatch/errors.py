@@ -27,3 +27,8 @@ class TrainingError(ItmatchError):
 
 class GalleryIndexError(ItmatchError):
     """Missing, corrupt, stale or mismatched retrieval index (or a query that does not fit it)."""
+
+
+class QueryError(ItmatchError):
+    """A search query that cannot be answered as given: empty or too long text, k out of range, features or boxes
+    of the wrong type, shape or values (`itmatch.validate`). The server answers it with 422."""

@@ -32,12 +32,13 @@ import torch
 from itmatch.checkpoints.loader import LoadedModel, load_model
 from itmatch.config import config_to_dict
 from itmatch.data.precomp import PrecompSplit, read_captions, resolve_root
-from itmatch.errors import DataError, GalleryIndexError
+from itmatch.errors import DataError, GalleryIndexError, QueryError
 from itmatch.index import GalleryIndex, IndexSpec, file_sha256, read_meta
 from itmatch.inference import encode_captions, encode_images, image_rows
 from itmatch.method import Inputs, SplitInputs
 from itmatch.models.base import Encoded
 from itmatch.registry import method_spec
+from itmatch.validate import check_boxes, check_features, check_k, check_text
 
 _logger = logging.getLogger(__name__)
 
@@ -233,6 +234,10 @@ class Searcher:
         """Text -> image: the k best gallery images for each query (an image index is needed)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         self.require_gallery("images")
+        if not texts:
+            raise QueryError("no text query given")
+        texts = [check_text(t) for t in texts]
+        k = check_k(k)
         if self._inputs is not None and self._inputs.pretokenized:
             assert self.reranker is not None
             raise GalleryIndexError(
@@ -251,8 +256,13 @@ class Searcher:
         re-rankers that read the regions' geometry (GSMN); `image_inputs` gives a dataset image's.
         """
         self.require_gallery("captions")
-        feats = np.asarray(features, dtype=np.float32)
-        single = len(self.index.meta.get("data", {}).get("image_shape", [feats.shape[-1]]))  # ndim of one image
+        k = check_k(k)
+        built = self.index.meta.get("data", {}).get("image_shape")  # one image's shape; unrecorded: one vector
+        shape = list(built) if built else [np.shape(features)[-1] if np.ndim(features) else None]
+        feats = check_features(features, list(shape), batch=True)  # real, finite, the index's shape, >= 1 region
+        if boxes is not None:
+            boxes = check_boxes(boxes, feats.shape)
+        single = len(shape)  # ndim of one image
         batch = feats[None] if feats.ndim == single else feats
         query_inputs = self._query_inputs(batch, {} if boxes is None else {"boxes": boxes})
         queries = self._encode_features(self.model, batch)

@@ -25,7 +25,7 @@ from itmatch.data.tokenize import tokenize
 from itmatch.errors import ItmatchError
 from itmatch.registry import method_spec
 from itmatch.search import Hit, Searcher
-from itmatch.serve.limits import ServeError, ServeLimits, check_features, check_k, check_text, read_upload
+from itmatch.serve.limits import ServeError, ServeLimits, check_k, check_text, read_upload
 from itmatch.serve.media import Pictures, open_boxes
 
 
@@ -112,17 +112,19 @@ class RetrievalService:
 
     # -------------------------------------------------------------------------------------------- queries
     def info(self) -> dict[str, Any]:
+        """What is served; directories by their name only (no absolute path of the server's disk is shown)."""
+
         def describe(s: Searcher | None) -> dict[str, Any] | None:
             if s is None:
                 return None
-            return {"index": s.where, "size": len(s.index), "kind": s.index.spec.kind,
+            return {"index": Path(s.where).name, "size": len(s.index), "kind": s.index.spec.kind,
                     "model": s.index.meta["model"]["name"],
                     "rerank": s.reranker.config.model.name if s.reranker is not None else None,
                     "candidates": s.candidates if s.reranker is not None else None}
 
         step = max(1, self.split.n_captions // 8)
         return {"images": describe(self.images), "captions": describe(self.captions),
-                "data": {"root": str(self.root), "split": self.split_name, "n_images": self.split.n_images,
+                "data": {"root": self.root.name, "split": self.split_name, "n_images": self.split.n_images,
                          "n_captions": self.split.n_captions},
                 "thumbnails": self.has_thumbnails(), "attention": self.attention_model is not None,
                 "examples": [self.split.captions[k] for k in range(0, self.split.n_captions, step)][:8],
@@ -170,7 +172,7 @@ class RetrievalService:
         if self.attention_model is None:
             raise ServeError(400, "no attention to show: start the server with --rerank CKPT of a SCAN model")
         if self._boxes is None:
-            raise ServeError(400, f"no region boxes in {self.root} ({self.split_name}_boxes.npy or "
+            raise ServeError(400, f"no region boxes in the dataset {self.root.name} ({self.split_name}_boxes.npy or "
                                   f"{self.split_name}_ims_bbx.npy) to draw the attention on")
         text = self._check_text(text)
         row = self.row(image_id)
@@ -194,10 +196,9 @@ class RetrievalService:
 
     def parse_features(self, body: bytes) -> np.ndarray:
         """An uploaded `.npy` of one image's region features, checked against the caption index's model."""
-        feats = read_upload(body, self.limits)
         searcher = self._caption_searcher()
         shape = searcher.index.meta.get("data", {}).get("image_shape") or [None, self.split.feature_dim]
-        return check_features(feats, shape, self.limits)
+        return read_upload(body, self.limits, shape)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _caption_searcher(self) -> Searcher:
