@@ -374,8 +374,8 @@ CLI_CASES = [
     ("text-blank", "images", ["--text", "  \t "], None, "empty query"),
     ("text-one-of-two-empty", "images", ["--text", "a red cube", "--text", ""], None, "empty query"),
     ("text-control", "images", ["--text", "red\x1bcube"], None, "control character"),
-    ("text-k0", "images", ["--text", "a red cube", "-k", "0"], None, "k must be between 1 and"),
-    ("text-k-negative", "images", ["--text", "a red cube", "-k", "-4"], None, "k must be between 1 and"),
+    ("text-k0", "images", ["--text", "a red cube", "-k", "0"], None, "-k: 0 must be >= 1"),  # refused by the parser
+    ("text-k-negative", "images", ["--text", "a red cube", "-k", "-4"], None, "-k: -4 must be >= 1"),
     ("features-nan", "captions", ["--image-features", "FILE"], NAN, "features contain NaN or infinity"),
     ("features-inf", "captions", ["--image-features", "FILE"], INF, "features contain NaN or infinity"),
     ("features-zero-regions", "captions", ["--image-features", "FILE"], np.zeros((0, DIM), np.float32), "0 regions"),
@@ -390,7 +390,7 @@ CLI_CASES = [
     ("features-scalar", "captions", ["--image-features", "FILE"], np.float32(3), "shape ()"),
     ("features-overflow", "captions", ["--image-features", "FILE"], FEATS.astype(np.float64) * 1e300,
      "too large for float32"),
-    ("features-k0", "captions", ["--image-features", "FILE", "-k", "0"], FEATS, "k must be between 1 and"),
+    ("features-k0", "captions", ["--image-features", "FILE", "-k", "0"], FEATS, "-k: 0 must be >= 1"),
     ("boxes-wrong-shape", "captions", ["--image-features", "FILE", "--image-boxes", "BOXES"], FEATS,
      "expected (36, 4) per image"),
 ]

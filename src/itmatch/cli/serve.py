@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from itmatch.cli.common import add_model_args, non_negative_int, port, positive_int
+from itmatch.cli.common import add_model_args, non_negative_int, port, positive_float, positive_int
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -12,13 +12,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     limits = ServeLimits(max_query_chars=args.max_query_chars, max_k=args.max_k,
                          max_upload_bytes=args.max_upload_mb << 20, max_running=args.max_running,
-                         max_waiting=args.max_waiting)
+                         max_waiting=args.max_waiting, header_timeout_s=args.header_timeout)
     service = RetrievalService.open(args.index, rerank=args.rerank, candidates=args.candidates, data=args.data,
                                     device=args.device, limits=limits, vocab=args.vocab or "",
                                     bert_path=args.bert_path or "")
     print(f"serving {', '.join(args.index)} on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops",
           flush=True)
-    serve(service, host=args.host, port=args.port)
+    serve(service, host=args.host, port=args.port, allowed_hosts=set(args.allowed_host or []) or None)
     return 0
 
 
@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--data", help="dataset directory (default: the one the indexes were built from)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=port, default=8000)
+    sv.add_argument("--allowed-host", action="append", metavar="NAME",
+                    help="also answer requests naming this Host (repeatable; on loopback binds only localhost, "
+                         "127.0.0.1 and [::1] are answered otherwise, against DNS rebinding)")
+    sv.add_argument("--header-timeout", type=positive_float, default=10.0, metavar="S",
+                    help="seconds a client may take to send its request head before it is answered 408")
     sv.add_argument("--max-query-chars", type=positive_int, default=500)
     sv.add_argument("--max-k", type=positive_int, default=100)
     sv.add_argument("--max-upload-mb", type=positive_int, default=4, help="largest uploaded .npy of region features")
