@@ -31,15 +31,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bert-path", help="BERT directory (config + vocab.txt) of an original BERT checkpoint")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (batch sizes, chunk sizes, k, limits)."""
+def _integer(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, chunk sizes, k, limits)."""
+    return _integer(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (worker counts, queue lengths, seeds)."""
+    return _integer(text, 0)
 
 
 def positive_float(text: str) -> float:
@@ -65,14 +74,3 @@ def refuse_existing(path: str | os.PathLike | None, force: bool, what: str = "it
     """No command replaces a user's file without --force."""
     if path is not None and not force and (Path(path).exists() or Path(path).is_symlink()):
         raise ItmatchError(f"{path} exists; pass --force to replace {what}")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (worker counts, queue lengths)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
