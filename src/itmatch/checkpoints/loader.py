@@ -128,8 +128,8 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", v
         try:
             model_cfg, state = importer.convert(ckpt)
             # the release's options, checked as a preset's would be (types and ranges)
-            model_cfg = strict(spec.config, {f.name: _plain(getattr(model_cfg, f.name))
-                                             for f in dataclasses.fields(model_cfg)}, "options")
+            model_cfg = strict(spec.config, {k: _plain(v) for k, v in dataclasses.asdict(model_cfg).items()},
+                               "options")
         except CheckpointError:
             raise
         except (ConfigError, ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
