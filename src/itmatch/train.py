@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from itmatch import distributed
 from itmatch.checkpoints import native
+from itmatch.collapse import CollapseGuard
 from itmatch.config import Config, config_from_dict, config_to_dict
 from itmatch.data.augment import AugmentedCaptions
 from itmatch.data.images import ImageSplit
@@ -194,7 +195,8 @@ def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int,
 
 
 def _checkpoint(model: RetrievalModel, recipe: Recipe, optimizer: torch.optim.Optimizer | None, cfg: Config,
-                vocab: CaptionTokenizer, state: RunState, history: list[dict]) -> dict[str, Any]:
+                vocab: CaptionTokenizer, state: RunState, history: list[dict],
+                guard: CollapseGuard | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": config_to_dict(cfg),
         "model": model.state_dict(),
@@ -206,6 +208,8 @@ def _checkpoint(model: RetrievalModel, recipe: Recipe, optimizer: torch.optim.Op
     if optimizer is not None:
         out["optimizer"] = optimizer.state_dict()
         out["training_state"] = recipe.state_dict()
+        if guard is not None:
+            out["collapse_guard"] = guard.state_dict()
     return out
 
 
@@ -254,12 +258,15 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     optimizer = recipe.optimizer(tc.lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state, history = RunState(), []
+    guard = CollapseGuard(tc.collapse_guard, tc.margin, tc.collapse_patience)
     if saved is not None:
         model.load_state_dict(saved["model"])
         recipe.load_state_dict(saved.get("training_state", {}))
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["state"])
         history = list(saved["history"])
+        if "collapse_guard" in saved:
+            guard.load_state_dict(saved["collapse_guard"])
         torch.set_rng_state(saved["rng_torch"])  # rank 0's; the other ranks reseed below
         _logger.info("resumed from %s at epoch %d step %d", ckpt_path, state.epoch, state.step_in_epoch)
     elif ckpt_path.exists():
@@ -306,7 +313,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     def save_resumable() -> None:
         state.train_seconds = seconds_before + time.perf_counter() - started
         if info.is_main:
-            native.save(_checkpoint(model, recipe, optimizer, cfg, vocab, state, history), ckpt_path)
+            native.save(_checkpoint(model, recipe, optimizer, cfg, vocab, state, history, guard), ckpt_path)
 
     def save_best() -> None:
         if info.is_main:
@@ -337,6 +344,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
             for batch in bar:
                 batch = batch.to(device)
                 recipe.on_step_start(state.step_in_epoch, len(batches))
+                recipe.vse0_fallback = guard.vse0(state.global_step)
                 extra: dict[str, Any] = {}
                 if batch.image_lengths is not None:
                     extra["image_lengths"] = batch.image_lengths
@@ -360,6 +368,15 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 state.step_in_epoch += 1
                 state.global_step += 1
                 stats = {k: float(v.detach()) for k, v in terms.items()}
+                signals, recipe.collapse_signals = recipe.collapse_signals, None
+                event = guard.observe_step(signals, state.global_step, len(batches))
+                if guard.active and recipe.max_violation:
+                    writer.add_scalar("train/hardest_negatives", float(recipe.hardest_negatives), state.global_step)
+                    if signals is not None:
+                        for k, v in signals.items():
+                            writer.add_scalar(f"collapse/{k}", v, state.global_step)
+                if event is not None:
+                    history.append({"epoch": state.epoch + 1, "step": state.global_step, "event": event})
                 if state.global_step % max(tc.log_every, 1) == 0:
                     for k, v in stats.items():
                         writer.add_scalar(f"train/{k}", v, state.global_step)
@@ -394,6 +411,9 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 writer.add_scalar("val/rsum", res["rsum"], state.global_step)
                 history.append({"epoch": state.epoch, "step": state.global_step, "rsum": res["rsum"],
                                 "score": score, "i2t_R@1": res["i2t"]["R@1"], "t2i_R@1": res["t2i"]["R@1"]})
+                event = guard.observe_epoch(res["rsum"], val_split.n_images, state.global_step, len(batches))
+                if event is not None:
+                    history.append({"epoch": state.epoch, "step": state.global_step, "event": event})
                 if score > state.best_score:
                     state.best_score, state.best_epoch = score, state.epoch
                     save_best()

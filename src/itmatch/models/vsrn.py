@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from itmatch.errors import CheckpointError, ConfigError
-from itmatch.losses import caption_nll, hinge_loss
+from itmatch.losses import caption_nll
 from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.captioner import RegionCaptioner
@@ -169,7 +169,7 @@ class VsrnRecipe(Recipe):
         cfg = self.model.cfg
         img_emb, regions = self.model.img_enc(images)
         sims = self.gather(img_emb) @ self.gather(self.model.encode_text(captions, lengths).emb).T
-        matching = hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)
+        matching = self.hinge(sims)
         if self.caption is None:
             return {"loss": matching}
         labels, mask = caption_targets(captions, lengths, cfg.caption_max_len)
