@@ -199,7 +199,7 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
               batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
               cxc: str = "", dtype: str | None = None, budget_mb: float | None = None, box_compat: str = "",
-              compat_batch_size: int | None = None) -> dict:
+              compat_batch_size: int | None = None, ci_resamples: int = 0, ci_seed: int = 0) -> dict:
     import torch
 
     from itmatch.checkpoints.loader import load_model
@@ -240,6 +240,10 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
         names.append(f"{loaded.config.model.name}:{path}")
     sims = sims_sum / len(ckpts)  # ensembles average the similarity matrices, as the papers
     results = evaluate_sims(sims, fold5=fold5, curves=True)
+    if ci_resamples:
+        from itmatch.evaluation import bootstrap_ci, query_ranks
+
+        results["ci"] = bootstrap_ci(query_ranks(sims, fold5=fold5), resamples=ci_resamples, seed=ci_seed)
     results.update({"models": names, "split": split, "data": str(root), "fold5": fold5})
     pairs = _contrast_pairs(root, split)
     if pairs and not fold5:
@@ -270,13 +274,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from itmatch.evaluation import format_table
     from itmatch.report import plot_recall_curves, write_json
 
+    if args.ci_resamples < 0 or (args.ci and args.ci_resamples == 0):
+        raise ItmatchError(f"--ci-resamples must be positive for the intervals, got {args.ci_resamples}")
     results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
                         batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
                         bert_path=args.bert_path or "", cxc=args.cxc or "", dtype=args.dtype,
                         budget_mb=args.memory_budget, box_compat=args.box_compat,
-                        compat_batch_size=args.box_compat_batch)
+                        compat_batch_size=args.box_compat_batch, ci_resamples=args.ci_resamples,
+                        ci_seed=args.ci_seed)
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
-    print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
+    print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)", ci=args.ci))
     if "cxc" in results:
         print("CxC " + "  ".join(f"{d} " + "/".join(f"{v:.1f}" for v in m.values())
                                  for d, m in results["cxc"].items()) + "  (R@1/R@5/R@10)")
@@ -532,6 +539,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--box-compat-batch", type=int, default=None, metavar="N",
                    help="the original's eval batch size (default: the checkpoint's opt.batch_size, else 64; the "
                         "releases: 64 for F30K, 32 for COCO)")
+    e.add_argument("--ci", action="store_true", help="show the bootstrap 95%% intervals in the table (always in --out)")
+    e.add_argument("--ci-resamples", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples over queries for the intervals (0: none)")
+    e.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resamples")
     e.set_defaults(run=_cmd_eval)
 
     d = sub.add_parser("data", help="create, check and convert datasets")
