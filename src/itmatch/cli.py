@@ -211,7 +211,7 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
 
     if cxc and len(ckpts) != 1:
         raise ItmatchError("--cxc evaluates one model (its image-image and text-text rankings need embeddings)")
-    sims_sum, names, root, cxc_results = None, [], None, None
+    sims_sum, names, root, cxc_results, configs = None, [], None, None, []
     for path in ckpts:
         loaded = load_model(path, device=device, vocab=vocab, bert_path=bert_path,
                             data_root=resolve_root(data, split) if data else None, memory_budget_mb=budget_mb)
@@ -238,6 +238,7 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
         names.append(f"{loaded.config.model.name}:{path}")
+        configs.append(loaded.config)
     sims = sims_sum / len(ckpts)  # ensembles average the similarity matrices, as the papers
     results = evaluate_sims(sims, fold5=fold5, curves=True)
     if ci_resamples:
@@ -245,6 +246,11 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
 
         results["ci"] = bootstrap_ci(query_ranks(sims, fold5=fold5), resamples=ci_resamples, seed=ci_seed)
     results.update({"models": names, "split": split, "data": str(root), "fold5": fold5})
+    from itmatch.provenance import provenance
+
+    results["provenance"] = provenance(config=configs, data_root=root, split=split, n_images=split_data.n_images,
+        n_captions=split_data.n_captions, fold5=fold5, device=device,
+        dtype=dtype or "the method's default")
     pairs = _contrast_pairs(root, split)
     if pairs and not fold5:
         results["contrast"] = contrast_accuracy(sims, pairs)

@@ -36,6 +36,7 @@ MAX_FALLBACKS = 3
 PINNED_TOL = 0.05
 VIOLATING_MIN = 0.95
 SPREAD_MAX = 0.1
+MIN_DEV_IMAGES = 50  # fewer dev images: chance rsum is too high and too noisy to tell (10 images: 281 of 600)
 CHANCE_FACTOR = 1.5  # dev rsum below this many times the chance rsum after hardest negatives: at chance
 FIX = ("set model.vse_mean_warmup_epochs=1 (a VSE0 warm-up, where the method has it) or train.max_violation=false, "
        "or train.collapse_guard=fallback to switch to VSE0 automatically")
@@ -116,7 +117,7 @@ class CollapseGuard:
     def observe_epoch(self, rsum: float, n_images: int, global_step: int, steps_per_epoch: int) -> str | None:
         """Dev results at the end of an epoch; fires when hardest negatives were on and dev rsum is at chance."""
         hard, self.hard_in_epoch = self.hard_in_epoch, False
-        if not self.active or not hard:
+        if not self.active or not hard or n_images < MIN_DEV_IMAGES:
             return None
         chance = chance_rsum(n_images)
         if rsum >= CHANCE_FACTOR * chance:

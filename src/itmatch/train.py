@@ -35,6 +35,7 @@ from itmatch.evaluation import evaluate_sims
 from itmatch.inference import compute_fold_sims, compute_sims
 from itmatch.method import SplitInputs
 from itmatch.models.base import RetrievalModel
+from itmatch.provenance import provenance
 from itmatch.recipe import Recipe
 from itmatch.registry import create_model, method_spec
 
@@ -196,9 +197,10 @@ def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int,
 
 def _checkpoint(model: RetrievalModel, recipe: Recipe, optimizer: torch.optim.Optimizer | None, cfg: Config,
                 vocab: CaptionTokenizer, state: RunState, history: list[dict],
-                guard: CollapseGuard | None = None) -> dict[str, Any]:
+                guard: CollapseGuard | None = None, prov: dict | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": config_to_dict(cfg),
+        "provenance": prov,
         "model": model.state_dict(),
         "vocab": vocab_words(vocab),
         "state": dataclasses.asdict(state),
@@ -309,15 +311,20 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     else:
         writer = _NoWriter()
     started, seconds_before = time.perf_counter(), state.train_seconds
+    prov = None
+    if info.is_main:  # the code, libraries, machine, training split's files and config behind these weights
+        prov = provenance(config=cfg, data_root=resolve_root(dc.path, dc.train_split), split=dc.train_split,
+                          n_images=train_split.n_images, n_captions=train_split.n_captions, device=str(device),
+                          dtype=tc.amp or "float32")
 
     def save_resumable() -> None:
         state.train_seconds = seconds_before + time.perf_counter() - started
         if info.is_main:
-            native.save(_checkpoint(model, recipe, optimizer, cfg, vocab, state, history, guard), ckpt_path)
+            native.save(_checkpoint(model, recipe, optimizer, cfg, vocab, state, history, guard, prov), ckpt_path)
 
     def save_best() -> None:
         if info.is_main:
-            native.save(_checkpoint(model, recipe, None, cfg, vocab, state, history), out / BEST)
+            native.save(_checkpoint(model, recipe, None, cfg, vocab, state, history, prov=prov), out / BEST)
 
     def validate() -> dict | None:
         """Dev results on rank 0 (the others wait); None on the other ranks."""
