@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from itmatch.demo import serve_commands  # noqa: F401  (its home is the demo module; kept importable from here)
 from itmatch.errors import DataError, ItmatchError
 
 
@@ -169,7 +170,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from itmatch.train import CHECKPOINT
 
         cfg = config_from_dict(native.load(out / CHECKPOINT)["config"])
-    summary = fit(cfg, out, resume=args.resume, progress=_progress(args))
+    summary = fit(cfg, out, resume=args.resume, progress=_progress(args), on_epoch=_epoch_lines(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports and tests
     print(f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['train_seconds']:.0f}s; "
@@ -430,79 +431,33 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Synthesise the dataset, train VSE++ for a few minutes, evaluate on test, write the report."""
-    from itmatch.config import load_preset
-    from itmatch.data.synthetic import generate
-    from itmatch.evaluation import format_table
-    from itmatch.report import plot_recall_curves, write_json
-    from itmatch.train import BEST, fit
+    """Synthesise the dataset, train the demo model, evaluate on test, draw the report (`itmatch.demo`)."""
+    from itmatch.demo import run_demo, run_raw_demo
+    from itmatch.train import BEST
 
     out, data = Path(args.out), Path(args.data)
-    progress = _progress(args)
-    if not (data / "train_ims.npy").is_file():
-        print(f"[1/3] synthesising the F30K-like dataset in {data} ...", flush=True)
-        generate(data, variant="f30k", seed=0, progress=progress, render=False)
-        _write_vocab(data, threshold=4)
-    else:
-        print(f"[1/3] using the synthetic dataset in {data}", flush=True)
-    cfg = load_preset("vsepp_synth", [f"data.path={json.dumps(str(data))}", *(args.set or [])])
-    print(f"[2/3] training VSE++ (preset vsepp_synth, {cfg.train.epochs} epochs) into {out} ...", flush=True)
-    if (out / "checkpoint.pt").exists():
-        import shutil
-
-        shutil.rmtree(out)
-    summary = fit(cfg, out, progress=progress)
-    print(f"      {summary['steps']} steps in {summary['train_seconds']:.0f}s, best dev rsum "
-          f"{summary['best_score']:.1f} (epoch {summary['best_epoch']})", flush=True)
-    print("[3/3] evaluating on the test split ...", flush=True)
-    results = _evaluate([str(out / BEST)], data=str(data), split="test", fold5=False, progress=progress)
-    results["train_seconds"] = summary["train_seconds"]
-    print(format_table(results, title="VSE++ on the synthetic F30K-like test split (1000 images, 5000 captions)"))
-    write_json(results, out / "report.json")
-    plot_recall_curves({"VSE++": results["curve"]}, out / "recall.png", title="VSE++, synthetic test split")
-    print(f"report: {out / 'report.json'}, {out / 'recall.png'}; TensorBoard logs: {out / 'tb'}")
+    run_demo(out, data, sets=args.set or [], progress=_progress(args), on_epoch=_epoch_lines(args),
+             log=lambda line: print(line, flush=True))
     print("search the test split in a browser (http://127.0.0.1:8000/):")
     for line in serve_commands(out / BEST, data, out):
         print(f"  {line}")
     if args.raw:
-        _demo_raw(data, out / "raw", args)
+        run_raw_demo(data, out / "raw", sets=args.set or [], progress=_progress(args), on_epoch=_epoch_lines(args),
+                     log=lambda line: print(line, flush=True))
     return 0
 
 
-def _demo_raw(data: Path, out: Path, args: argparse.Namespace) -> None:
-    """Extended demo: render the scenes and train VSE-infinity's grid variant on the pixels, from scratch."""
-    from itmatch.config import load_preset
-    from itmatch.data.synthetic import generate
-    from itmatch.evaluation import format_table
-    from itmatch.report import write_json
-    from itmatch.train import BEST, fit
+def _epoch_lines(args: argparse.Namespace):
+    """Where no progress bar can be drawn (stderr not a terminal: a CI log, nohup), one plain line per epoch."""
+    if args.quiet or sys.stderr.isatty():
+        return None
 
-    progress = _progress(args)
-    if not (data / "id_mapping.json").is_file():
-        print(f"[raw 1/3] rendering the scenes to {data / 'images'} (the feature files stay the same) ...", flush=True)
-        generate(data, variant="f30k", seed=0, progress=progress, render=True)
-    cfg = load_preset("vse_infinity_synth_grid", [f"data.path={json.dumps(str(data))}", *(args.set or [])])
-    print(f"[raw 2/3] training VSE-infinity grid (tiny ResNet from scratch, preset vse_infinity_synth_grid, "
-          f"{cfg.train.epochs} epochs) into {out} ...", flush=True)
-    if (out / "checkpoint.pt").exists():
-        import shutil
+    def line(state, info: dict) -> None:
+        print(f"epoch {info['epoch']}/{info['epochs']}: dev rsum {info['rsum']:.1f}{' (best)' if info['best'] else ''}"
+              f", mean loss {info['loss']:.3f}{', hardest negatives' if info['hardest_negatives'] else ''}, "
+              f"{info['seconds']:.0f}s of training", file=sys.stderr, flush=True)
 
-        shutil.rmtree(out)
-    summary = fit(cfg, out, progress=progress)
-    print("[raw 3/3] evaluating on the test split ...", flush=True)
-    results = _evaluate([str(out / BEST)], data=str(data), split="test", fold5=False, progress=progress)
-    results["train_seconds"] = summary["train_seconds"]
-    results.pop("curve", None)
-    print(format_table(results, title="VSE-infinity grid on the rendered test scenes (1000 images, 5000 captions)"))
-    write_json(results, out / "report.json")
-
-
-def serve_commands(ckpt: Path, data: Path, out: Path, itmatch: str = "itmatch") -> list[str]:
-    """The commands that index a model's test split (images and captions) and serve them (`itmatch serve`)."""
-    images, captions = out / "index_images", out / "index_captions"
-    return [f"{itmatch} index build {ckpt} --data {data} --gallery images --out {images}",
-            f"{itmatch} index build {ckpt} --data {data} --gallery captions --out {captions}",
-            f"{itmatch} serve --index {images} --index {captions} --port 8000"]
+    return line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -688,7 +643,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list the packaged presets")
     pr.set_defaults(run=_cmd_presets)
 
-    dm = sub.add_parser("demo", help="synthesise data, train VSE++, evaluate and report (a few minutes)")
+    dm = sub.add_parser("demo", help="synthesise data, train VSE-infinity, evaluate and draw a report (a few minutes)")
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--data", default="data/synth_f30k")
     dm.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
@@ -698,8 +653,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _share_cores_gracefully() -> None:
+    """OpenMP threads that sleep when idle (a spinning wait burns the cores other jobs need and slows everyone,
+    this process included, several-fold on a shared machine) and as many threads as CPUs this process may run on
+    (`sched_getaffinity`: a container's or taskset's share, not the machine's). Set before torch is imported; an
+    explicit OMP_WAIT_POLICY / OMP_NUM_THREADS in the environment wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_NUM_THREADS" not in os.environ and hasattr(os, "sched_getaffinity"):
+        os.environ["OMP_NUM_THREADS"] = str(max(len(os.sched_getaffinity(0)), 1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # BERT models are read from local directories only
+    _share_cores_gracefully()
     try:
         args = _parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

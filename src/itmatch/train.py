@@ -216,8 +216,14 @@ def _checkpoint(model: RetrievalModel, recipe: Recipe, optimizer: torch.optim.Op
 
 
 def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = False,
-        on_step: Callable[[RunState, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        on_step: Callable[[RunState, dict[str, float]], None] | None = None,
+        on_epoch: Callable[[RunState, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `cfg` into `out_dir` (checkpoint.pt, model_best.pt, config.json, tb/); returns a summary.
+
+    `on_epoch(state, info)` is called after each epoch's dev evaluation (rank 0) with info = {"epoch", "epochs",
+    "rsum", "best" (this epoch is the best so far), "loss" (mean over the epoch's steps of this session), "seconds"
+    (training time so far, resumed sessions included), "hardest_negatives"}: the CLI prints it as one plain line
+    where no progress bar can be drawn.
 
     Under `torchrun` every rank calls `fit` with the same arguments: `data.batch_size` is the global batch, each
     rank encodes its contiguous shard, and only rank 0 validates and writes logs and checkpoints.
@@ -226,14 +232,16 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     info, device = distributed.setup(cfg.train.device)
     joined = joined and info.enabled  # tear down only a process group this call created
     try:
-        return _fit(cfg, Path(out_dir), info, device, resume=resume, progress=progress, on_step=on_step)
+        return _fit(cfg, Path(out_dir), info, device, resume=resume, progress=progress, on_step=on_step,
+                    on_epoch=on_epoch)
     finally:
         if joined:
             distributed.teardown()
 
 
 def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.device, *, resume: bool,
-         progress: bool, on_step: Callable[[RunState, dict[str, float]], None] | None) -> dict[str, Any]:
+         progress: bool, on_step: Callable[[RunState, dict[str, float]], None] | None,
+         on_epoch: Callable[[RunState, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     ckpt_path = out / CHECKPOINT
     saved = None
     if resume:
@@ -346,6 +354,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + state.epoch),
             )
             loss_module.train()
+            loss_sum, loss_steps = 0.0, 0
             bar = tqdm(_one_line_errors(loader), total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
                        disable=not (progress and info.is_main), leave=False)
             for batch in bar:
@@ -375,6 +384,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 state.step_in_epoch += 1
                 state.global_step += 1
                 stats = {k: float(v.detach()) for k, v in terms.items()}
+                loss_sum, loss_steps = loss_sum + stats["loss"], loss_steps + 1
                 signals, recipe.collapse_signals = recipe.collapse_signals, None
                 event = guard.observe_step(signals, state.global_step, len(batches))
                 if guard.active and recipe.max_violation:
@@ -426,6 +436,12 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                     save_best()
                 _logger.info("epoch %d: dev rsum %.2f%s", state.epoch, res["rsum"],
                              " (best)" if state.best_epoch == state.epoch else "")
+                if on_epoch is not None:
+                    on_epoch(state, {"epoch": state.epoch, "epochs": tc.epochs, "rsum": res["rsum"],
+                                     "best": state.best_epoch == state.epoch,
+                                     "loss": loss_sum / max(loss_steps, 1),
+                                     "seconds": seconds_before + time.perf_counter() - started,
+                                     "hardest_negatives": recipe.hardest_negatives})
             save_resumable()
     finally:
         writer.close()
