@@ -654,13 +654,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _share_cores_gracefully() -> None:
-    """OpenMP threads that sleep when idle (a spinning wait burns the cores other jobs need and slows everyone,
-    this process included, several-fold on a shared machine) and as many threads as CPUs this process may run on
-    (`sched_getaffinity`: a container's or taskset's share, not the machine's). Set before torch is imported; an
-    explicit OMP_WAIT_POLICY / OMP_NUM_THREADS in the environment wins."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if "OMP_NUM_THREADS" not in os.environ and hasattr(os, "sched_getaffinity"):
-        os.environ["OMP_NUM_THREADS"] = str(max(len(os.sched_getaffinity(0)), 1))
+    """As many torch threads as CPUs this process may run on (`sched_getaffinity`: a container's or taskset's share,
+    not the machine's), unless OMP_NUM_THREADS says otherwise. (The idle OpenMP threads' passive wait is set when
+    the package is imported, before torch: `itmatch/__init__.py`.)"""
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "sched_getaffinity"):
+        return
+    import torch
+
+    torch.set_num_threads(max(len(os.sched_getaffinity(0)), 1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
