@@ -38,8 +38,8 @@ VIOLATING_MIN = 0.95
 SPREAD_MAX = 0.1
 MIN_DEV_IMAGES = 50  # fewer dev images: chance rsum is too high and too noisy to tell (10 images: 281 of 600)
 CHANCE_FACTOR = 1.5  # dev rsum below this many times the chance rsum after hardest negatives: at chance
-FIX = ("set model.vse_mean_warmup_epochs=1 (a VSE0 warm-up, where the method has it) or train.max_violation=false, "
-       "or train.collapse_guard=fallback to switch to VSE0 automatically")
+FIX = ("lengthen the VSE0 warm-up (model.vse_mean_warmup_epochs, where the method has one), lower train.lr or set "
+       "train.max_violation=false; train.collapse_guard=fallback switches to VSE0 by itself")
 
 
 def collapse_value(batch: int, margin: float) -> float:
