@@ -1,11 +1,14 @@
 """Train the listed methods on the synthetic dataset, evaluate on its test split, write the README table.
 
     python scripts/results_table.py [--data data/synth_f30k] [--runs runs/results] [--rows LABEL ...]
+                                    [--seeds 0 1 2] [--set SECTION.KEY=VALUE ...]
 
-Each row is one `itmatch train` preset run from scratch with a fixed seed (raw-image rows on the same scenes,
-rendered to images/ with `itmatch data synth --render`), evaluated with `itmatch eval` on the
-test split (1000 images, 5000 captions). The markdown table replaces the block between the markers
-`<!-- results:start -->` and `<!-- results:end -->` in README.md, and the raw figures go to runs/results/*.json.
+Each row is one `itmatch train` preset run from scratch with each of the seeds (`train.seed`; raw-image rows on
+the same scenes, rendered to images/ with `itmatch data synth --render`), evaluated with `itmatch eval` on the
+test split (1000 images, 5000 captions). Every run's results, with their provenance (code commit, libraries, data
+fingerprint, config; `itmatch.provenance`), go to runs/results/SLUG.seedN.json, the mean and standard deviation
+over the seeds to runs/results/SLUG.json, and the markdown table (mean ± std) is built from those files only: it
+replaces the block between the markers `<!-- results:start -->` and `<!-- results:end -->` in README.md.
 Numbers are never typed by hand.
 """
 
@@ -35,14 +38,21 @@ ROWS = [
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def run_row(label: str, preset: str, sets: list[str], data: Path, runs: Path) -> dict:
+def slug_of(label: str) -> str:
+    return label.lower().replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("+", "p")
+
+
+def run_row(label: str, preset: str, sets: list[str], data: Path, runs: Path, seed: int = 0,
+            extra: list[str] | None = None) -> dict:
+    """Train and evaluate one row with one seed (cached: a run evaluated after its best checkpoint is reused)."""
     from itmatch.api import evaluate
     from itmatch.config import load_preset
     from itmatch.training import BEST, fit
 
-    slug = label.lower().replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("+", "p")
+    slug = f"{slug_of(label)}.seed{seed}"
     out = runs / slug
-    cfg = load_preset(preset, [f"data.path={json.dumps(str(data))}", *sets])
+    sets = [*sets, *(extra or [])]
+    cfg = load_preset(preset, [f"data.path={json.dumps(str(data))}", *sets, f"train.seed={seed}"])
     if (out / BEST).is_file() and (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
     else:
@@ -54,39 +64,84 @@ def run_row(label: str, preset: str, sets: list[str], data: Path, runs: Path) ->
     cached = runs / f"{slug}.json"
     if cached.is_file() and cached.stat().st_mtime > (out / BEST).stat().st_mtime:
         row = json.loads(cached.read_text())
-        if row.get("preset") == preset and row.get("sets") == sets:
+        if row.get("preset") == preset and row.get("sets") == sets and row.get("seed") == seed:
             return row  # evaluated after its best checkpoint was written: nothing to redo
-    results = evaluate(out / BEST, data, split="test").results
+    results = evaluate(out / BEST, data, split="test", ci_resamples=1000).results
     results.pop("curve", None)
-    row = {"label": label, "preset": preset, "sets": sets, "train_seconds": summary["train_seconds"],
+    row = {"label": label, "preset": preset, "sets": sets, "seed": seed, "train_seconds": summary["train_seconds"],
            "epochs": summary["epochs"], **results}
     (runs / f"{slug}.json").write_text(json.dumps(row, indent=2))
     return row
 
 
-def markdown(rows: list[dict]) -> str:
+METRICS = [("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"), ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"),
+           ("rsum",), ("contrast", "t2i"), ("contrast", "i2t"), ("train_seconds",)]
+
+
+def _get(row: dict, key: tuple[str, ...]) -> float | None:
+    value: object = row
+    for k in key:
+        if not isinstance(value, dict) or k not in value:
+            return None
+        value = value[k]
+    return float(value)  # type: ignore[arg-type]
+
+
+def _commit(row: dict) -> str:
+    git = (row.get("provenance") or {}).get("git")
+    return f"{git['commit'][:12]}{' (dirty)' if git['dirty'] else ''}" if git else "unknown (no git)"
+
+
+def aggregate(per_seed: list[dict], files: list[str]) -> dict:
+    """Mean and sample standard deviation (ddof 1; 0 for one seed) of every metric over the seeds' results."""
+    import numpy as np
+
+    first = per_seed[0]
+    out: dict = {"label": first["label"], "preset": first["preset"], "sets": first["sets"],
+                 "seeds": [r["seed"] for r in per_seed], "epochs": first["epochs"], "files": files,
+                 "commits": sorted({_commit(r) for r in per_seed}),
+                 "mean": {}, "std": {}}
+    for key in METRICS:
+        values = [v for v in (_get(r, key) for r in per_seed) if v is not None]
+        if len(values) == len(per_seed):
+            name = "/".join(key)
+            out["mean"][name] = float(np.mean(values))
+            out["std"][name] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return out
+
+
+def _cell(agg: dict, name: str, bold: bool = False) -> str:
+    mean, std = agg["mean"][name], agg["std"][name]
+    text = f"{mean:.1f}" + (f" ± {std:.1f}" if len(agg["seeds"]) > 1 else "")
+    return f"**{text}**" if bold else text
+
+
+def markdown(aggs: list[dict]) -> str:
+    """The README table from aggregated rows (`aggregate`): mean ± std over the seeds."""
     head = ("| method | preset | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | contrast t2i / i2t (%) "
             "| train time |")
     lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        i, t = r["i2t"], r["t2i"]
-        c = r.get("contrast") or {}
-        contrast = f"{c['t2i']:.1f} / {c['i2t']:.1f}" if c else "–"
-        preset = f"`{r['preset']}`" + "".join(f" `{s}`" for s in r["sets"])
-        lines.append(f"| {r['label']} | {preset} | {i['R@1']:.1f} | {i['R@5']:.1f} | {i['R@10']:.1f} | "
-                     f"{t['R@1']:.1f} | {t['R@5']:.1f} | {t['R@10']:.1f} | **{r['rsum']:.1f}** | {contrast} | "
-                     f"{r['train_seconds'] / 60:.1f} min ({r['epochs']} ep) |")
+    for a in aggs:
+        cells = [_cell(a, f"{d}/{k}") for d in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10")]
+        contrast = (f"{_cell(a, 'contrast/t2i')} / {_cell(a, 'contrast/i2t')}" if "contrast/t2i" in a["mean"]
+                    else "–")
+        preset = f"`{a['preset']}`" + "".join(f" `{s}`" for s in a["sets"])
+        lines.append(f"| {a['label']} | {preset} | " + " | ".join(cells) + f" | {_cell(a, 'rsum', bold=True)} | "
+                     f"{contrast} | {a['mean']['train_seconds'] / 60:.1f} min ({a['epochs']} ep) |")
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/synth_f30k")
     ap.add_argument("--runs", default="runs/results")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--rows", nargs="*", help="train/evaluate only rows whose label contains one of these; "
                                               "the table is written only when every row has run")
-    args = ap.parse_args()
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.seed of each run of a row")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override applied to every row (quick checks; the README table uses none)")
+    args = ap.parse_args(argv)
     from itmatch.config import load_preset
 
     data, runs = Path(args.data), Path(args.runs)
@@ -98,14 +153,24 @@ def main() -> int:
         from itmatch.cli import main as cli_main
 
         assert cli_main(["-q", "data", "synth", "--out", str(data), *(["--render"] if render else [])]) == 0
-    rows = []
+    aggs = []
     for label, preset, sets in selected:
-        started = time.perf_counter()
-        rows.append(run_row(label, preset, sets, data, runs))
-        print(f"{label}: rsum {rows[-1]['rsum']:.1f} ({time.perf_counter() - started:.0f}s)", flush=True)
-    table = markdown(rows)
+        per_seed, files = [], []
+        for seed in args.seeds:
+            started = time.perf_counter()
+            per_seed.append(run_row(label, preset, sets, data, runs, seed, args.set))
+            files.append(f"{slug_of(label)}.seed{seed}.json")
+            print(f"{label}, seed {seed}: rsum {per_seed[-1]['rsum']:.1f} ({time.perf_counter() - started:.0f}s)",
+                  flush=True)
+        aggs.append(aggregate(per_seed, files))
+        (runs / f"{slug_of(label)}.json").write_text(json.dumps(aggs[-1], indent=2))
+    # The table is built from the files just written, never from values held in memory.
+    aggs = [json.loads((runs / f"{slug_of(label)}.json").read_text()) for label, _, _ in selected]
+    commits = sorted({c for a in aggs for c in a["commits"]})
+    table = (markdown(aggs) + f"\n\nGenerated by `scripts/results_table.py` from `{runs}/*.json` (mean ± std over "
+             f"seeds {', '.join(map(str, args.seeds))}; code {'; '.join(commits)}).")
     print(table)
-    if len(rows) < len(ROWS):
+    if len(aggs) < len(ROWS):
         return 0
     readme = Path(args.readme)
     text = readme.read_text(encoding="utf-8")

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # BERT tests read local directorie
 # One intra-op thread per pytest worker: `-n 2` on 2 cores with 2 OpenMP threads each oversubscribes the CPU, and
 # spinning OpenMP threads then make small ops 10-100x slower (measured: a tiny GRU backward 17 ms -> 3 s).
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"  # and the CLI (`main`, called in-process) keeps it so (cli._share_cores_gracefully)
 
 WORDS = ["red", "blue", "green", "cube", "ball", "cone", "left", "of", "a", "the", "small", "big"]
 

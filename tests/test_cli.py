@@ -72,6 +72,7 @@ def test_bad_data_is_one_line(tiny_data: Path, tmp_path: Path, capsys, problem: 
     (["train", "--preset", "vsepp_synth", "--set", "train.lrr=1"], "unknown key 'lrr'"),
     (["train", "--preset", "vsepp_synth", "--set", "data.path=/nonexistent/dir"], "data directory not found"),
     (["eval", "/nonexistent/model.pt"], "checkpoint not found"),
+    (["eval", "/nonexistent/model.pt", "--ci-resamples", "-3"], "--ci-resamples: -3 must be >= 0"),
     (["frobnicate"], "invalid choice"),
     (["train", "--preset", "vsepp_synth", "--bogus-flag"], "unrecognized arguments"),
     (["data", "check", "/nonexistent"], "not found"),
@@ -115,10 +116,11 @@ def test_train_then_eval_ensemble_and_report(tiny_data: Path, tmp_path: Path, ca
     assert code == 0 and "trained 1 epochs" in text
     ckpt = str(out / "model_best.pt")
     code, text, _ = run_cli(capsys, "eval", ckpt, "--split", "test", "--out", str(tmp_path / "r.json"),
-                            "--plot", str(tmp_path / "r.png"))
-    assert code == 0 and "rsum" in text
+                            "--plot", str(tmp_path / "r.png"), "--ci")
+    assert code == 0 and "rsum" in text and "95% CI R@1 " in text and "bootstrap interval" in text
     single = json.loads((tmp_path / "r.json").read_text())
     assert single["n_images"] == 10 and (tmp_path / "r.png").stat().st_size > 1000
+    assert single["ci"]["resamples"] == 1000 and single["ci"]["rsum"][0] <= single["rsum"] <= single["ci"]["rsum"][1]
     code, text, _ = run_cli(capsys, "eval", ckpt, ckpt, "--out", str(tmp_path / "e.json"))
     ensemble = json.loads((tmp_path / "e.json").read_text())
     assert ensemble["rsum"] == pytest.approx(single["rsum"])  # the mean of identical matrices is the matrix

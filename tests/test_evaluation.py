@@ -93,3 +93,85 @@ def test_contrast_accuracy_hand_case() -> None:
     assert res["t2i"] == 50.0
     # i2t: image 0: 25 comparisons all true; image 1: 0 > 0 false.
     assert res["i2t"] == 50.0
+
+
+# --------------------------------------------------------------------------------------------- bootstrap intervals
+def _boot_oracle(ranks: dict, resamples: int, seed: int, level: float) -> dict:
+    """Resample by resample with Python loops, from the draws `bootstrap_ci` documents."""
+    from itmatch.evaluation import _BOOT_ELEMENTS
+
+    per_dir, rsums = {}, [0.0] * resamples
+    for d, (direction, r) in enumerate(ranks.items()):
+        n, rng = len(r), np.random.default_rng([seed, d])
+        rows = max(1, _BOOT_ELEMENTS // n)
+        draws = np.concatenate([rng.integers(0, n, (min(rows, resamples - s), n)) for s in range(0, resamples, rows)])
+        vals = {k: [] for k in (1, 5, 10)}
+        for b in range(resamples):
+            for k in (1, 5, 10):
+                v = 100.0 * sum(int(r[i]) < k for i in draws[b]) / n
+                vals[k].append(v)
+                rsums[b] += v
+        per_dir[direction] = {f"R@{k}": sorted(v) for k, v in vals.items()}
+    return {"dirs": per_dir, "rsum": sorted(rsums)}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:  # numpy's default ("linear") by hand
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def test_bootstrap_ci_matches_a_resample_by_resample_loop() -> None:
+    from itmatch.evaluation import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    ranks = {"i2t": rng.integers(0, 12, 9), "t2i": rng.integers(0, 9, 45)}
+    got = bootstrap_ci(ranks, resamples=200, seed=5, level=0.9)
+    want = _boot_oracle(ranks, 200, 5, 0.9)
+    for d in ("i2t", "t2i"):
+        for k in ("R@1", "R@5", "R@10"):
+            assert got[d][k] == pytest.approx([_percentile(want["dirs"][d][k], 5), _percentile(want["dirs"][d][k], 95)])
+    assert got["rsum"] == pytest.approx([_percentile(want["rsum"], 5), _percentile(want["rsum"], 95)])
+    assert (got["level"], got["resamples"], got["seed"]) == (0.9, 200, 5)
+
+
+def test_bootstrap_ci_properties() -> None:
+    from itmatch.evaluation import bootstrap_ci, evaluate_sims, query_ranks
+
+    rng = np.random.default_rng(0)
+
+    def noisy(n: int) -> np.ndarray:  # a model better than chance: the diagonal blocks get a bonus
+        sims = rng.random((n, 5 * n))
+        sims[np.repeat(np.arange(n), 5), np.arange(5 * n)] += 0.9
+        return sims
+
+    small, large = noisy(40), noisy(400)
+    widths = []
+    for sims in (small, large):
+        res = evaluate_sims(sims)
+        ci = bootstrap_ci(query_ranks(sims), seed=3)
+        assert ci == bootstrap_ci(query_ranks(sims), seed=3), "deterministic with the seed"
+        assert ci != bootstrap_ci(query_ranks(sims), seed=4)
+        for d in ("i2t", "t2i"):
+            for k in ("R@1", "R@5", "R@10"):
+                assert ci[d][k][0] <= res[d][k] <= ci[d][k][1], (d, k)
+        assert ci["rsum"][0] <= res["rsum"] <= ci["rsum"][1]
+        widths.append(ci["t2i"]["R@1"][1] - ci["t2i"]["R@1"][0])
+        # A proportion p over n queries: the 95 % interval is about p +- 1.96 sqrt(p (1 - p) / n).
+        p, n = res["t2i"]["R@1"] / 100, sims.shape[1]
+        assert widths[-1] == pytest.approx(100 * 2 * 1.96 * np.sqrt(p * (1 - p) / n), rel=0.25)
+    assert widths[1] < widths[0] / 2, "ten times the queries: about a third of the width"
+    perfect = bootstrap_ci({"i2t": np.zeros(5, int), "t2i": np.zeros(25, int)})
+    assert perfect["rsum"] == [600.0, 600.0] and perfect["i2t"]["R@1"] == [100.0, 100.0]
+
+
+def test_query_ranks_with_fold5_ranks_each_fold_on_its_own() -> None:
+    from itmatch.evaluation import evaluate_sims, query_ranks
+
+    sims = np.random.default_rng(2).random((10, 50))
+    ranks = query_ranks(sims, fold5=True)
+    assert ranks["i2t"].shape == (10,) and ranks["t2i"].shape == (50,)
+    assert ranks["t2i"].max() < 2, "a fold of 2 images ranks captions among 2"
+    folded = evaluate_sims(sims, fold5=True)
+    assert folded["t2i"]["R@1"] == pytest.approx(100 * np.mean(ranks["t2i"] < 1))

@@ -217,7 +217,8 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
              batch_size: int = 128, device: str = "cpu", dtype: str | torch.dtype | None = None,
              options: Mapping[str, Any] | None = None, cxc: str | os.PathLike | None = None,
              vocab: str = "", bert_path: str = "", memory_budget_mb: float | None = None,
-             tiles: Mapping[str, Any] | None = None, progress: bool = False) -> Evaluation | None:
+             tiles: Mapping[str, Any] | None = None, ci_resamples: int = 0, ci_seed: int = 0,
+             progress: bool = False) -> Evaluation | None:
     """Evaluate one model or an ensemble (averaged similarity matrices, as the papers) on a dataset split.
 
     `dataset`: a `Dataset`, a directory (split `split`), or None for the dataset the first model was trained on.
@@ -226,7 +227,8 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
     (GSMN: `box_compat` "release" / "upstream", `box_compat_batch`). `cxc`: a directory of CxC annotations (one
     embedding model on COCO testall). `tiles` (`tiles_dir`, `tile_images`, `tile_captions`) scores the matrix in
     tiles spread over the torchrun ranks and kept on disk for a resumed run (`itmatch.sharded`); then ranks other
-    than 0 return None."""
+    than 0 return None. `ci_resamples` > 0 adds bootstrap 95 % intervals over the queries (`results["ci"]`); every
+    result records its provenance (code, versions, protocol, data fingerprint, configs)."""
     from itmatch.data.precomp import resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
     from itmatch.inference import compute_fold_sims, compute_sims
@@ -247,7 +249,7 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
         split = dataset.split
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     opts = dict(options or {})
-    sims_sum, names, root, cxc_results, first = None, [], None, None, None
+    sims_sum, names, root, cxc_results, first, configs = None, [], None, None, None, []
     for item in items:
         data_dir = dataset.root if isinstance(dataset, Dataset) else dataset
         matcher = _as_matcher(item, device=device, vocab=vocab, bert_path=bert_path,
@@ -291,12 +293,22 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
             raise ItmatchError(f"{where}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
         names.append(f"{matcher.name}:{where}")
+        configs.append(matcher.config)
     if sims_sum is None:  # a torchrun rank other than 0: rank 0 reports
         return None
     assert root is not None
     sims = sims_sum / len(items)  # ensembles average the similarity matrices, as the papers
     results = evaluate_sims(sims, fold5=fold5, curves=True)
+    if ci_resamples:
+        from itmatch.evaluation import bootstrap_ci, query_ranks
+
+        results["ci"] = bootstrap_ci(query_ranks(sims, fold5=fold5), resamples=ci_resamples, seed=ci_seed)
     results.update({"models": names, "split": split, "data": str(root), "fold5": fold5})
+    from itmatch.provenance import provenance
+
+    results["provenance"] = provenance(config=configs, data_root=root, split=split, n_images=first.n_images,
+                                       n_captions=first.n_captions, fold5=fold5, device=device,
+                                       dtype=str(dtype) if dtype is not None else "the method's default")
     pairs = contrast_pairs(root, split)
     if pairs and not fold5:
         results["contrast"] = contrast_accuracy(sims, pairs)
@@ -322,11 +334,13 @@ def _cxc(matcher: Matcher, split: Any, annots_dir: str | os.PathLike, *, batch_s
 
 
 def train(preset_or_config: str | os.PathLike | Any, out: str | os.PathLike, *, overrides: Sequence[str] = (),
-          data: str | os.PathLike | None = None, resume: bool = False, progress: bool = False) -> dict[str, Any]:
+          data: str | os.PathLike | None = None, resume: bool = False, progress: bool = False,
+          on_epoch: Any = None) -> dict[str, Any]:
     """Train a preset (a name from `itmatch.list_presets()`, a .toml file) or a `Config` into run directory `out`.
 
     `overrides` are `section.key=value` strings as `itmatch train --set`; `data` sets `data.path`. With `resume`
-    the run in `out` continues from its last checkpoint (bit-identically on CPU). Returns the run's summary."""
+    the run in `out` continues from its last checkpoint (bit-identically on CPU). `on_epoch(state, info)` is called
+    after each epoch's validation (e.g. to print a line). Returns the run's summary."""
     from itmatch.config import Config, config_from_dict, load_preset
     from itmatch.training import CHECKPOINT, fit
 
@@ -341,4 +355,4 @@ def train(preset_or_config: str | os.PathLike | Any, out: str | os.PathLike, *, 
         cfg = preset_or_config
     else:
         cfg = load_preset(str(preset_or_config), extra)
-    return fit(cfg, out, resume=resume, progress=progress)
+    return fit(cfg, out, resume=resume, progress=progress, on_epoch=on_epoch)

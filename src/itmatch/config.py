@@ -92,6 +92,10 @@ class TrainConfig:
     word_noise: float = bounded(0.0, ge=0, le=1)
     device: str = "cpu"  # under torchrun, "cuda" gives each rank the GPU of its LOCAL_RANK
     amp: Literal["", "bf16", "fp16"] = ""  # autocast mixed precision ("" = float32); fp16 (with loss scaling) on GPU
+    # Hardest-negative collapse (itmatch.collapse): warn = log the signal and the fix; fallback = also switch to
+    # VSE0 for an epoch and retry hardest negatives; off = watch nothing.
+    collapse_guard: Literal["warn", "fallback", "off"] = "warn"
+    collapse_patience: int = 20  # consecutive collapsed batches before the guard acts
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,57 @@ def _mean_over_folds(blocks: list[np.ndarray], captions_per_image: int, curves: 
     return out
 
 
+def query_ranks(sims: np.ndarray, *, captions_per_image: int = 5, fold5: bool = False) -> dict[str, np.ndarray]:
+    """0-based ranks of every query, {"i2t": per image, "t2i": per caption}; with `fold5` each fold's block (the
+    full (n, 5n) matrix or the (5, n/5, n) stack) ranks its own queries and the folds are concatenated."""
+    sims = np.asarray(sims, dtype=np.float64)
+    if sims.ndim == 3 or fold5:
+        if sims.ndim == 2:
+            size = sims.shape[0] // 5
+            cpi = captions_per_image
+            sims = np.stack([sims[f * size : (f + 1) * size, f * size * cpi : (f + 1) * size * cpi] for f in range(5)])
+        folds = [query_ranks(block, captions_per_image=captions_per_image) for block in sims]
+        return {d: np.concatenate([f[d] for f in folds]) for d in ("i2t", "t2i")}
+    return {"i2t": i2t_ranks(sims, captions_per_image)[0], "t2i": t2i_ranks(sims, captions_per_image)[0]}
+
+
+_BOOT_ELEMENTS = 4_000_000  # resampled indices drawn at once (32 MB of int64)
+
+
+def bootstrap_ci(ranks: dict[str, np.ndarray], *, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                 ks: Sequence[int] = KS) -> dict:
+    """Bootstrap confidence intervals of R@K and rsum over queries: each resample draws, with replacement, as many
+    queries as there are (images for "i2t", captions for "t2i", independently); R@K and rsum are recomputed on it,
+    and the interval is the (1 - level) / 2 and (1 + level) / 2 percentiles over the resamples.
+
+    Deterministic: direction number d (in the order of `ranks`) draws from `np.random.default_rng([seed, d])`,
+    `rng.integers(0, n, (rows, n))` for consecutive blocks of `rows = max(1, 4e6 // n)` resamples.
+    Returns {"i2t": {"R@1": [lo, hi], ...}, "t2i": {...}, "rsum": [lo, hi], "level", "resamples", "seed"}.
+    """
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"bootstrap_ci needs resamples >= 1 and 0 < level < 1, got {resamples}, {level}")
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    rsums = np.zeros(resamples)
+    out: dict = {}
+    for d, (direction, r) in enumerate(ranks.items()):
+        r = np.asarray(r)
+        n = len(r)
+        rng = np.random.default_rng([seed, d])
+        hits = np.stack([r < k for k in ks])  # (len(ks), n)
+        recalls = np.empty((len(ks), resamples))
+        rows = max(1, _BOOT_ELEMENTS // max(n, 1))
+        for start in range(0, resamples, rows):
+            idx = rng.integers(0, n, (min(rows, resamples - start), n))
+            for j in range(len(ks)):
+                recalls[j, start : start + len(idx)] = 100.0 * hits[j][idx].mean(axis=1)
+        rsums += recalls.sum(axis=0)
+        out[direction] = {f"R@{k}": [float(np.percentile(recalls[j], lo_q)), float(np.percentile(recalls[j], hi_q))]
+                          for j, k in enumerate(ks)}
+    out["rsum"] = [float(np.percentile(rsums, lo_q)), float(np.percentile(rsums, hi_q))]
+    out |= {"level": level, "resamples": resamples, "seed": seed}
+    return out
+
+
 def contrast_accuracy(sims: np.ndarray, pairs: Sequence[tuple[int, int]], captions_per_image: int = 5) -> dict:
     """Pairwise accuracy on contrast pairs (images that differ in one binding or relation); chance is 50 %.
 
@@ -135,8 +186,9 @@ def contrast_accuracy(sims: np.ndarray, pairs: Sequence[tuple[int, int]], captio
     return {"pairs": len(pairs), "t2i": 100.0 * float(np.mean(t2i_hits)), "i2t": 100.0 * float(np.mean(i2t_hits))}
 
 
-def format_table(results: dict, title: str = "") -> str:
-    """A readable recall table (one row per direction, plus rsum)."""
+def format_table(results: dict, title: str = "", *, ci: bool = False) -> str:
+    """A readable recall table (one row per direction, plus rsum); `ci` adds the bootstrap intervals of
+    `results["ci"]` (`bootstrap_ci`) under each row."""
     head = f"{'':8s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}{'medr':>8s}{'meanr':>9s}"
     lines = [title] if title else []
     lines.append(head)
@@ -145,7 +197,16 @@ def format_table(results: dict, title: str = "") -> str:
         lines.append(
             f"{label:8s}{m['R@1']:8.1f}{m['R@5']:8.1f}{m['R@10']:8.1f}{m['medr']:8.1f}{m['meanr']:9.1f}"
         )
-    lines.append(f"rsum {results['rsum']:.1f}")
+        if ci and "ci" in results:
+            lo_hi = results["ci"][name]
+            lines.append(f"{'':8s}{100 * results['ci']['level']:.0f}% CI " + ", ".join(
+                f"{k} {lo_hi[k][0]:.1f}-{lo_hi[k][1]:.1f}" for k in ("R@1", "R@5", "R@10")))
+    if ci and "ci" in results:
+        c = results["ci"]
+        lines.append(f"rsum {results['rsum']:.1f}  ({100 * c['level']:.0f}% bootstrap interval over queries "
+                     f"{c['rsum'][0]:.1f}-{c['rsum'][1]:.1f}, {c['resamples']} resamples, seed {c['seed']})")
+    else:
+        lines.append(f"rsum {results['rsum']:.1f}")
     if "contrast" in results and results["contrast"]:
         c = results["contrast"]
         lines.append(f"contrast pairs ({c['pairs']}): t2i {c['t2i']:.1f}%  i2t {c['i2t']:.1f}%  (chance 50%)")

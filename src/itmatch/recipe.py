@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from itmatch.collapse import collapse_signals
 from itmatch.distributed import Collective
 from itmatch.errors import CheckpointError
 from itmatch.losses import hinge_loss
@@ -40,6 +41,10 @@ class Recipe:
         self.margin = config.train.margin
         self.max_violation = config.train.max_violation
         self.collective = collective or Collective()
+        # Set by the training loop's collapse guard (`itmatch.collapse`): VSE0 in place of hardest negatives.
+        self.vse0_fallback = False
+        self.watch_collapse = getattr(config.train, "collapse_guard", "off") != "off"
+        self.collapse_signals: dict[str, float] | None = None  # the last hardest-negative batch's, for the guard
 
     @property
     def trains_distributed(self) -> bool:
@@ -64,7 +69,20 @@ class Recipe:
         are the model's extra encoder inputs (`MethodSpec.inputs`) and this recipe's `batch_inputs`.
         """
         sims = self.similarity(images, captions, lengths, image_lengths=image_lengths, **inputs)
-        return {"loss": hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)}
+        return {"loss": self.hinge(sims)}
+
+    @property
+    def hardest_negatives(self) -> bool:
+        """Whether the hinge loss uses the hardest negative now (`max_violation`, unless the guard fell back)."""
+        return self.max_violation and not self.vse0_fallback
+
+    def hinge(self, sims: torch.Tensor) -> torch.Tensor:
+        """The hinge loss of a batch's similarities, hardest negative or VSE0 as `hardest_negatives` says; with
+        hardest negatives on, it leaves the batch's collapse signals for the loop's guard (no gradient, no RNG)."""
+        hardest = self.hardest_negatives
+        if hardest and self.watch_collapse:
+            self.collapse_signals = collapse_signals(sims, self.margin)
+        return hinge_loss(sims, margin=self.margin, max_violation=hardest)
 
     def encode(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
                image_lengths: torch.Tensor | None = None, **inputs: Any) -> tuple[Encoded, Encoded]:

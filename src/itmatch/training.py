@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from itmatch import distributed
 from itmatch.checkpoints import native
+from itmatch.collapse import CollapseGuard
 from itmatch.config import Config, config_from_dict, config_to_dict
 from itmatch.data.augment import AugmentedCaptions
 from itmatch.data.images import ImageSplit
@@ -35,6 +36,7 @@ from itmatch.evaluation import evaluate_sims
 from itmatch.inference import compute_fold_sims, compute_sims
 from itmatch.method import SplitInputs
 from itmatch.models.base import RetrievalModel
+from itmatch.provenance import provenance
 from itmatch.recipe import Recipe
 from itmatch.registry import create_model, method_spec
 
@@ -195,9 +197,11 @@ def _set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int,
 
 
 def _checkpoint(model: RetrievalModel, recipe: Recipe, optimizer: torch.optim.Optimizer | None, cfg: Config,
-                vocab: CaptionTokenizer, state: RunState, history: list[dict]) -> dict[str, Any]:
+                vocab: CaptionTokenizer, state: RunState, history: list[dict],
+                guard: CollapseGuard | None = None, prov: dict | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": config_to_dict(cfg),
+        "provenance": prov,
         "model": model.state_dict(),
         "vocab": vocab_words(vocab),
         "state": dataclasses.asdict(state),
@@ -207,12 +211,20 @@ def _checkpoint(model: RetrievalModel, recipe: Recipe, optimizer: torch.optim.Op
     if optimizer is not None:
         out["optimizer"] = optimizer.state_dict()
         out["training_state"] = recipe.state_dict()
+        if guard is not None:
+            out["collapse_guard"] = guard.state_dict()
     return out
 
 
 def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = False,
-        on_step: Callable[[RunState, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        on_step: Callable[[RunState, dict[str, float]], None] | None = None,
+        on_epoch: Callable[[RunState, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `cfg` into `out_dir` (checkpoint.pt, model_best.pt, config.json, tb/); returns a summary.
+
+    `on_epoch(state, info)` is called after each epoch's dev evaluation (rank 0) with info = {"epoch", "epochs",
+    "rsum", "best" (this epoch is the best so far), "loss" (mean over the epoch's steps of this session), "seconds"
+    (training time so far, resumed sessions included), "hardest_negatives"}: the CLI prints it as one plain line
+    where no progress bar can be drawn.
 
     Under `torchrun` every rank calls `fit` with the same arguments: `data.batch_size` is the global batch, each
     rank encodes its contiguous shard, and only rank 0 validates and writes logs and checkpoints.
@@ -222,14 +234,16 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: boo
     info, device = distributed.setup(cfg.train.device)
     joined = joined and info.enabled  # tear down only a process group this call created
     try:
-        return _fit(cfg, Path(out_dir), info, device, resume=resume, progress=progress, on_step=on_step)
+        return _fit(cfg, Path(out_dir), info, device, resume=resume, progress=progress, on_step=on_step,
+                    on_epoch=on_epoch)
     finally:
         if joined:
             distributed.teardown()
 
 
 def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.device, *, resume: bool,
-         progress: bool, on_step: Callable[[RunState, dict[str, float]], None] | None) -> dict[str, Any]:
+         progress: bool, on_step: Callable[[RunState, dict[str, float]], None] | None,
+         on_epoch: Callable[[RunState, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     ckpt_path = out / CHECKPOINT
     for stale in (*out.glob(f".{CHECKPOINT}.*.tmp"), *out.glob(f".{BEST}.*.tmp")):  # left by a killed write
         if info.is_main:
@@ -257,12 +271,15 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     optimizer = recipe.optimizer(tc.lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state, history = RunState(), []
+    guard = CollapseGuard(tc.collapse_guard, tc.margin, tc.collapse_patience)
     if saved is not None:
         model.load_state_dict(saved["model"])
         recipe.load_state_dict(saved.get("training_state", {}))
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["state"])
         history = list(saved["history"])
+        if "collapse_guard" in saved:
+            guard.load_state_dict(saved["collapse_guard"])
         torch.set_rng_state(saved["rng_torch"])  # rank 0's; the other ranks reseed below
         _logger.info("resumed from %s at epoch %d step %d", ckpt_path, state.epoch, state.step_in_epoch)
     elif ckpt_path.exists():
@@ -310,15 +327,20 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
     else:
         writer = _NoWriter()
     started, seconds_before = time.perf_counter(), state.train_seconds
+    prov = None
+    if info.is_main:  # the code, libraries, machine, training split's files and config behind these weights
+        prov = provenance(config=cfg, data_root=resolve_root(dc.path, dc.train_split), split=dc.train_split,
+                          n_images=train_split.n_images, n_captions=train_split.n_captions, device=str(device),
+                          dtype=tc.amp or "float32")
 
     def save_resumable() -> None:
         state.train_seconds = seconds_before + time.perf_counter() - started
         if info.is_main:
-            native.save(_checkpoint(model, recipe, optimizer, cfg, vocab, state, history), ckpt_path)
+            native.save(_checkpoint(model, recipe, optimizer, cfg, vocab, state, history, guard, prov), ckpt_path)
 
     def save_best() -> None:
         if info.is_main:
-            native.save(_checkpoint(model, recipe, None, cfg, vocab, state, history), out / BEST)
+            native.save(_checkpoint(model, recipe, None, cfg, vocab, state, history, prov=prov), out / BEST)
 
     def validate() -> dict | None:
         """Dev results on rank 0 (the others wait); None on the other ranks."""
@@ -340,11 +362,13 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + state.epoch),
             )
             loss_module.train()
+            loss_sum, loss_steps = 0.0, 0
             bar = tqdm(_one_line_errors(loader), total=len(loader), desc=f"epoch {state.epoch + 1}/{tc.epochs}",
                        disable=not (progress and info.is_main), leave=False)
             for batch in bar:
                 batch = batch.to(device)
                 recipe.on_step_start(state.step_in_epoch, len(batches))
+                recipe.vse0_fallback = guard.vse0(state.global_step)
                 extra: dict[str, Any] = {}
                 if batch.image_lengths is not None:
                     extra["image_lengths"] = batch.image_lengths
@@ -377,6 +401,16 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 state.step_in_epoch += 1
                 state.global_step += 1
                 stats = {k: float(v.detach()) for k, v in terms.items()}
+                loss_sum, loss_steps = loss_sum + stats["loss"], loss_steps + 1
+                signals, recipe.collapse_signals = recipe.collapse_signals, None
+                event = guard.observe_step(signals, state.global_step, len(batches))
+                if guard.active and recipe.max_violation:
+                    writer.add_scalar("train/hardest_negatives", float(recipe.hardest_negatives), state.global_step)
+                    if signals is not None:
+                        for k, v in signals.items():
+                            writer.add_scalar(f"collapse/{k}", v, state.global_step)
+                if event is not None:
+                    history.append({"epoch": state.epoch + 1, "step": state.global_step, "event": event})
                 if state.global_step % max(tc.log_every, 1) == 0:
                     for k, v in stats.items():
                         writer.add_scalar(f"train/{k}", v, state.global_step)
@@ -411,14 +445,23 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
                 writer.add_scalar("val/rsum", res["rsum"], state.global_step)
                 history.append({"epoch": state.epoch, "step": state.global_step, "rsum": res["rsum"],
                                 "score": score, "i2t_R@1": res["i2t"]["R@1"], "t2i_R@1": res["t2i"]["R@1"]})
+                event = guard.observe_epoch(res["rsum"], val_split.n_images, state.global_step, len(batches))
+                if event is not None:
+                    history.append({"epoch": state.epoch, "step": state.global_step, "event": event})
                 if score > state.best_score:
                     state.best_score, state.best_epoch = score, state.epoch
                     save_best()
                 _logger.info("epoch %d: dev rsum %.2f%s", state.epoch, res["rsum"],
                              " (best)" if state.best_epoch == state.epoch else "")
+                if on_epoch is not None:
+                    on_epoch(state, {"epoch": state.epoch, "epochs": tc.epochs, "rsum": res["rsum"],
+                                     "best": state.best_epoch == state.epoch,
+                                     "loss": loss_sum / max(loss_steps, 1),
+                                     "seconds": seconds_before + time.perf_counter() - started,
+                                     "hardest_negatives": recipe.hardest_negatives})
             save_resumable()
     finally:
         writer.close()
     total = seconds_before + time.perf_counter() - started
     return {"out_dir": str(out), "epochs": state.epoch, "steps": state.global_step, "best_score": state.best_score,
-            "best_epoch": state.best_epoch, "train_seconds": total, "history": history, "config": cfg}
+            "best_epoch": state.best_epoch, "train_seconds": total, "history": history, "config": config_to_dict(cfg)}

@@ -52,8 +52,20 @@ def _plugins(argv: list[str]) -> tuple[list[str], list[str]]:
     return files, rest
 
 
+def _share_cores_gracefully() -> None:
+    """As many torch threads as CPUs this process may run on (`sched_getaffinity`: a container's or taskset's share,
+    not the machine's), unless OMP_NUM_THREADS says otherwise. (The idle OpenMP threads' passive wait is set when
+    the package is imported, before torch: `itmatch/__init__.py`.)"""
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "sched_getaffinity"):
+        return
+    import torch
+
+    torch.set_num_threads(max(len(os.sched_getaffinity(0)), 1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # BERT models are read from local directories only
+    _share_cores_gracefully()
     try:
         files, rest = _plugins(list(sys.argv[1:] if argv is None else argv))
         if files:

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from itmatch.errors import ItmatchError
 
@@ -21,6 +22,19 @@ class Parser(argparse.ArgumentParser):
 def progress(args: argparse.Namespace) -> bool:
     """Progress bars only on a terminal and without --quiet."""
     return not args.quiet and sys.stderr.isatty()
+
+
+def epoch_lines(args: argparse.Namespace) -> Any:
+    """Where no progress bar can be drawn (stderr not a terminal: a CI log, nohup), one plain line per epoch."""
+    if args.quiet or sys.stderr.isatty():
+        return None
+
+    def line(state: Any, info: dict) -> None:
+        print(f"epoch {info['epoch']}/{info['epochs']}: dev rsum {info['rsum']:.1f}{' (best)' if info['best'] else ''}"
+              f", mean loss {info['loss']:.3f}{', hardest negatives' if info['hardest_negatives'] else ''}, "
+              f"{info['seconds']:.0f}s of training", file=sys.stderr, flush=True)
+
+    return line
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

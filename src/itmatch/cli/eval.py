@@ -24,6 +24,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from itmatch.evaluation import format_table
     from itmatch.report import plot_recall_curves, write_json
 
+    if args.ci and args.ci_resamples == 0:
+        raise ItmatchError("--ci shows bootstrap intervals; --ci-resamples must then be positive")
     for path in (args.out, args.plot, args.save_sims):  # refused before any work
         refuse_existing(path, args.force)
     from itmatch import distributed, sharded
@@ -44,13 +46,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         evaluation = evaluate(args.ckpt, args.data, split=args.split, protocol="fold5" if args.fold5 else "all",
                               batch_size=args.batch_size, device=device, dtype=args.dtype, options=options,
                               cxc=args.cxc, vocab=args.vocab or "", bert_path=args.bert_path or "",
-                              memory_budget_mb=args.memory_budget, tiles=tiles,
+                              memory_budget_mb=args.memory_budget, tiles=tiles, ci_resamples=args.ci_resamples,
+                              ci_seed=args.ci_seed,
                               progress=progress(args) and sharded.is_main())
     if evaluation is None:  # a torchrun rank other than 0
         return 0
     results = evaluation.results
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
-    print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
+    print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)", ci=args.ci))
     if "cxc" in results:
         print("CxC " + "  ".join(f"{d} " + "/".join(f"{v:.1f}" for v in m.values())
                                  for d, m in results["cxc"].items()) + "  (R@1/R@5/R@10)")
@@ -94,6 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--box-compat-batch", type=positive_int, default=None, metavar="N",
                    help="the original's eval batch size (default: the checkpoint's opt.batch_size, else 64; the "
                         "releases: 64 for F30K, 32 for COCO)")
+    e.add_argument("--ci", action="store_true", help="show the bootstrap 95%% intervals in the table (always in --out)")
+    e.add_argument("--ci-resamples", type=non_negative_int, default=1000, metavar="N",
+                   help="bootstrap resamples over queries for the intervals (0: none)")
+    e.add_argument("--ci-seed", type=non_negative_int, default=0, help="seed of the bootstrap resamples")
     e.add_argument("--tiles-dir", metavar="DIR",
                    help="keep every scored tile of images x captions in DIR and reuse them after an interruption "
                         "(keyed by a fingerprint of weights, data and options; never changes scores)")

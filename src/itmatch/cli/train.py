@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from itmatch.cli.common import progress
+from itmatch.cli.common import epoch_lines, progress
 from itmatch.errors import ItmatchError
 
 
@@ -22,19 +22,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise ItmatchError("--resume needs --out DIR (the run directory to continue)")
-        summary = train(None, args.out, resume=True, progress=progress(args))
+        summary = train(None, args.out, resume=True, progress=progress(args), on_epoch=epoch_lines(args))
     else:
         if not args.preset:
             raise ItmatchError("train needs --preset NAME (see `itmatch presets`) or --resume with --out DIR")
         cfg = load_preset(args.preset, overrides)
-        summary = train(cfg, args.out or f"runs/{Path(args.preset).stem}", progress=progress(args))
+        summary = train(cfg, args.out or f"runs/{Path(args.preset).stem}", progress=progress(args),
+                        on_epoch=epoch_lines(args))
     out = Path(summary["out_dir"])
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports and tests
     print(f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['train_seconds']:.0f}s; "
           f"best dev score {summary['best_score']:.1f} at epoch {summary['best_epoch']}; checkpoints in {out}")
     if args.test:
-        split = summary["config"].data.test_split
+        split = summary["config"]["data"]["test_split"]
         results = evaluate(out / "model_best.pt", split=split, progress=progress(args)).results
         print(format_table(results, title=f"test ({split})"))
     return 0

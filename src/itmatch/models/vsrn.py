@@ -28,7 +28,7 @@ from torch import nn
 
 from itmatch.config import bounded, non_negative, positive
 from itmatch.errors import CheckpointError, ConfigError
-from itmatch.losses import caption_nll, hinge_loss
+from itmatch.losses import caption_nll
 from itmatch.method import Importer, MethodSpec
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.modules.captioner import RegionCaptioner
@@ -170,7 +170,7 @@ class VsrnRecipe(Recipe):
         cfg = self.model.cfg
         img_emb, regions = self.model.img_enc(images)
         sims = self.collective(img_emb) @ self.collective(self.model.encode_text(captions, lengths).emb).T
-        matching = hinge_loss(sims, margin=self.margin, max_violation=self.max_violation)
+        matching = self.hinge(sims)
         if self.caption is None:
             return {"loss": matching}
         labels, mask = caption_targets(captions, lengths, cfg.caption_max_len)
