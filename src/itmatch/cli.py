@@ -199,7 +199,7 @@ def _contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
 def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool, progress: bool,
               batch_size: int = 128, device: str = "cpu", vocab: str = "", bert_path: str = "",
               cxc: str = "", dtype: str | None = None, budget_mb: float | None = None, box_compat: str = "",
-              compat_batch_size: int | None = None) -> dict:
+              compat_batch_size: int | None = None, planner=None) -> dict:
     import torch
 
     from itmatch.checkpoints.loader import load_model
@@ -233,7 +233,8 @@ def _evaluate(ckpts: Sequence[str], *, data: str | None, split: str, fold5: bool
                             "box_compat_batch": compat_batch_size or loaded.original_batch_size or 64}
             scorer = compute_fold_sims if fold5 else compute_sims
             sims = scorer(loaded.model, split_data, loaded.vocab, batch_size=batch_size, device=device,
-                          progress=progress, dtype=getattr(torch, dtype) if dtype else None, options=options)
+                          progress=progress, dtype=getattr(torch, dtype) if dtype else None, options=options,
+                          before_scoring=planner(loaded.model) if planner else None)
         if sims_sum is not None and sims.shape != sims_sum.shape:
             raise ItmatchError(f"{path}: similarity shape {sims.shape} differs from the first model's")
         sims_sum = sims if sims_sum is None else sims_sum + sims
@@ -267,14 +268,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.backends.cuda.matmul.allow_tf32 = True
+    from itmatch.cost import DryRunFinished, eval_planner
     from itmatch.evaluation import format_table
     from itmatch.report import plot_recall_curves, write_json
 
-    results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
-                        batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
-                        bert_path=args.bert_path or "", cxc=args.cxc or "", dtype=args.dtype,
-                        budget_mb=args.memory_budget, box_compat=args.box_compat,
-                        compat_batch_size=args.box_compat_batch)
+    def planner(model):  # cross-attention: estimated time and memory before scoring (issue 22)
+        return eval_planner(model, device=args.device, dry_run=args.dry_run, report=lambda m: print(m, flush=True))
+
+    try:
+        results = _evaluate(args.ckpt, data=args.data, split=args.split, fold5=args.fold5, progress=_progress(args),
+                            batch_size=args.batch_size, device=args.device, vocab=args.vocab or "",
+                            bert_path=args.bert_path or "", cxc=args.cxc or "", dtype=args.dtype,
+                            budget_mb=args.memory_budget, box_compat=args.box_compat,
+                            compat_batch_size=args.box_compat_batch, planner=planner)
+    except DryRunFinished:
+        print("dry run: nothing scored")
+        return 0
     protocol = "5-fold 1K" if args.fold5 else f"{results['n_images']} images"
     print(format_table(results, title=f"{args.split} ({protocol}), {len(args.ckpt)} model(s)"))
     if "cxc" in results:
@@ -523,6 +532,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="scoring dtype (default: the original's: float64 numpy for most, float32 for GSMN); "
                         "float32 is faster")
     e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
+    e.add_argument("--dry-run", action="store_true",
+                   help="encode, print the estimated scoring time and peak memory, and exit without scoring")
     e.add_argument("--memory-budget", type=float, metavar="MB",
                    help="memory for cross-attention intermediates per tile (changes speed, never scores)")
     e.add_argument("--box-compat", nargs="?", const="release", default="", choices=("release", "upstream"),
