@@ -82,6 +82,17 @@ def run(sparse: bool, args: argparse.Namespace) -> dict:
             loop_us.append(1e6 * (clock() - start) / (ni * nc))
             ratios.append(loop_us[-1] / ours_us[-1])
     ours_pair, loop_pair = statistics.median(ours_us), statistics.median(loop_us)
+    # Roofline: the region-word dot products (2 R d flops per word and region, summed over the 16 blocks) at
+    # the rate of one large float32 matmul of that shape, timed on the same clock in this run.
+    a, b = torch.randn(128 * REGIONS, DIM), torch.randn(DIM, 128 * 14)
+    a @ b
+    n, start = 0, clock()
+    while clock() - start < 2.0:
+        a @ b
+        n += 1
+    gemm = 2 * a.shape[0] * DIM * b.shape[1] * n / (clock() - start) / 1e9
+    flop_per_pair = 2 * REGIONS * DIM * float(lengths[: args.captions].float().mean())
+    gflops = flop_per_pair / (ours_pair * 1e-6) / 1e9
     return {
         "variant": "sparse" if sparse else "dense",
         "ours_us_per_pair": ours_pair,
@@ -89,6 +100,7 @@ def run(sparse: bool, args: argparse.Namespace) -> dict:
         "ours_f30k_s": ours_pair * F30K_PAIRS / 1e6,
         "loop_f30k_s": loop_pair * F30K_PAIRS / 1e6,
         "speedup": statistics.median(ratios),
+        "gflops": gflops, "matmul_roofline_gflops": gemm, "roofline_fraction": gflops / gemm,
         "rounds": {"ours_us": ours_us, "loop_us": loop_us, "speedup": ratios},
         "max_abs_delta": float((ours[:ni, :nc].cpu().double() - ref.double()).abs().max()),
         "ours_pairs_timed": args.images * args.captions,
@@ -117,9 +129,10 @@ def main() -> int:
     for r in rows:
         print(f"{r['variant']:6s} ours {r['ours_us_per_pair']:7.1f} us/pair (F30K 1K: {r['ours_f30k_s']:6.0f} s)  "
               f"port of the original loop {r['loop_us_per_pair']:7.1f} us/pair ({r['loop_f30k_s']:6.0f} s)  "
-              f"speedup {r['speedup']:5.1f}x  max|delta| {r['max_abs_delta']:.1e}")
-    print(f"threads {info['threads']}, device {args.device}, torch {torch.__version__}, clock {args.clock}, "
-          f"medians of {args.rounds} alternating rounds")
+              f"speedup {r['speedup']:5.1f}x  max|delta| {r['max_abs_delta']:.1e}  "
+              f"roofline {r['gflops']:.0f}/{r['matmul_roofline_gflops']:.0f} GFLOP/s = {r['roofline_fraction']:.2f}")
+    print(f"load average {os.getloadavg()[0]:.1f}, threads {info['threads']}, device {args.device}, "
+          f"clock {args.clock}, medians of {args.rounds} alternating rounds")
     if args.out:
         Path(args.out).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -218,7 +218,7 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
              options: Mapping[str, Any] | None = None, cxc: str | os.PathLike | None = None,
              vocab: str = "", bert_path: str = "", memory_budget_mb: float | None = None,
              tiles: Mapping[str, Any] | None = None, ci_resamples: int = 0, ci_seed: int = 0,
-             progress: bool = False) -> Evaluation | None:
+             planner: Any = None, progress: bool = False) -> Evaluation | None:
     """Evaluate one model or an ensemble (averaged similarity matrices, as the papers) on a dataset split.
 
     `dataset`: a `Dataset`, a directory (split `split`), or None for the dataset the first model was trained on.
@@ -227,8 +227,10 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
     (GSMN: `box_compat` "release" / "upstream", `box_compat_batch`). `cxc`: a directory of CxC annotations (one
     embedding model on COCO testall). `tiles` (`tiles_dir`, `tile_images`, `tile_captions`) scores the matrix in
     tiles spread over the torchrun ranks and kept on disk for a resumed run (`itmatch.sharded`); then ranks other
-    than 0 return None. `ci_resamples` > 0 adds bootstrap 95 % intervals over the queries (`results["ci"]`); every
-    result records its provenance (code, versions, protocol, data fingerprint, configs)."""
+    than 0 return None. `planner(model)` gives a `before_scoring` hook (`itmatch.cost.eval_planner`: the estimated
+    time and memory of a cross-attention scoring, refused when it does not fit). `ci_resamples` > 0 adds bootstrap
+    95 % intervals over the queries (`results["ci"]`); every result records its provenance (code, versions,
+    protocol, data fingerprint, configs)."""
     from itmatch.data.precomp import resolve_root
     from itmatch.evaluation import contrast_accuracy, evaluate_sims
     from itmatch.inference import compute_fold_sims, compute_sims
@@ -285,7 +287,8 @@ def evaluate(models: str | os.PathLike | Matcher | Sequence[str | os.PathLike | 
         else:  # with fold5 only the five diagonal blocks, (5, n/5, n), are scored
             scorer = compute_fold_sims if fold5 else compute_sims
             sims = scorer(matcher.model, split_data, matcher.tokenizer, batch_size=batch_size, device=device,
-                          progress=progress, dtype=torch_dtype, options=method_options)
+                          progress=progress, dtype=torch_dtype, options=method_options,
+                          before_scoring=planner(matcher.model) if planner else None)
         if not np.isfinite(sims).all():
             raise DataError(f"{where} gives NaN or infinite scores on {root}/{split}; check its weights and the "
                             "features (`itmatch data check`)")

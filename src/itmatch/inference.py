@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,10 @@ from itmatch.errors import DataError
 from itmatch.method import SplitInputs
 from itmatch.models.base import Encoded, RetrievalModel
 from itmatch.registry import method_spec
+
+# Runs between encoding and scoring: (images, texts, scoring dtype, pairs to score) -> images per `similarity`
+# call (so that a progress bar advances), or None for the default chunks and no bar.
+BeforeScoring = Callable[[Encoded, Encoded, torch.dtype, int], "int | None"]
 
 
 def concat_encoded(parts: list[Encoded]) -> Encoded:
@@ -75,19 +79,23 @@ def encode_captions(model: RetrievalModel, tokens: Sequence[list[int]], *, batch
 
 @torch.inference_mode()
 def similarity_matrix(model: RetrievalModel, images: Encoded, texts: Encoded, *, chunk: int = 1024,
-                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+                      dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                      progress: bool = False) -> np.ndarray:
     """(n_images, n_captions) float64 scores, computed `chunk` images at a time in `dtype`.
 
     dtype defaults to the method's `eval_dtype`, the precision its original scored in (float64 for most: they
     copy embeddings into float64 numpy arrays before scoring). Packed per-word features stay in their storage
-    dtype; the model casts each tile.
+    dtype; the model casts each tile. `progress` shows a bar with an ETA over chunks of `chunk` images.
     """
     dtype = dtype or method_spec(model.cfg.name).eval_dtype
     texts = texts.to(device, None if texts.offsets is not None else dtype)
     out = np.empty((len(images), len(texts)), dtype=np.float64)
+    bar = tqdm(total=len(images), desc="scoring", unit="image", disable=not progress, leave=False)
     for start in range(0, len(images), chunk):
         block = images.rows(start, start + chunk).to(device, dtype)
         out[start : start + chunk] = model.similarity(block, texts).double().cpu().numpy()
+        bar.update(len(block))
+    bar.close()
     return out
 
 
@@ -117,13 +125,21 @@ def encode_split(model: RetrievalModel, split: PrecompSplit, vocab: CaptionToken
 
 def compute_sims(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, batch_size: int = 128,
                  device: torch.device | str = "cpu", progress: bool = False,
-                 dtype: torch.dtype | None = None, options: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix."""
+                 dtype: torch.dtype | None = None, options: Mapping[str, Any] | None = None,
+                 before_scoring: BeforeScoring | None = None) -> np.ndarray:
+    """Encode a split (each image once) and return its (n_images, n_captions) float64 similarity matrix.
+
+    `before_scoring(images, texts, dtype, pairs)` runs between encoding and scoring (`itmatch eval`'s cost
+    estimate); it returns the number of images per `similarity` call (progress granularity), or None.
+    """
     was_training = model.training
     model.eval()
     images, texts = encode_split(model, split, vocab, batch_size=batch_size, device=device, progress=progress,
                                  options=options)
-    sims = similarity_matrix(model, images, texts, device=device, dtype=dtype)
+    dtype = dtype or method_spec(model.cfg.name).eval_dtype
+    chunk = before_scoring(images, texts, dtype, len(images) * len(texts)) if before_scoring else None
+    sims = similarity_matrix(model, images, texts, device=device, dtype=dtype, chunk=chunk or 1024,
+                             progress=progress and chunk is not None)
     model.train(was_training)
     return sims
 
@@ -139,7 +155,8 @@ def caption_rows(texts: Encoded, start: int, stop: int) -> Encoded:
 
 def compute_fold_sims(model: RetrievalModel, split: PrecompSplit, vocab: CaptionTokenizer, *, folds: int = 5,
                       batch_size: int = 128, device: torch.device | str = "cpu", progress: bool = False,
-                      dtype: torch.dtype | None = None, options: Mapping[str, Any] | None = None) -> np.ndarray:
+                      dtype: torch.dtype | None = None, options: Mapping[str, Any] | None = None,
+                      before_scoring: BeforeScoring | None = None) -> np.ndarray:
     """(folds, n_images / folds, captions of a fold) float64: each fold's images scored against its own captions.
 
     The 5-fold protocol (COCO 1K) only reads these diagonal blocks of the full matrix, so the other 4/5 of the
@@ -155,8 +172,14 @@ def compute_fold_sims(model: RetrievalModel, split: PrecompSplit, vocab: Caption
                                  options={**(options or {}), "fold5": True})
     size = n // folds
     cpi = len(texts) // n
+    dtype = dtype or method_spec(model.cfg.name).eval_dtype
+    chunk = None
+    if before_scoring:  # calibrated on the first fold, for the five folds' pairs
+        chunk = before_scoring(images.rows(0, size), caption_rows(texts, 0, size * cpi), dtype,
+                               folds * size * size * cpi)
     blocks = [similarity_matrix(model, images.rows(f * size, (f + 1) * size),
-                                caption_rows(texts, f * size * cpi, (f + 1) * size * cpi), device=device, dtype=dtype)
+                                caption_rows(texts, f * size * cpi, (f + 1) * size * cpi), device=device, dtype=dtype,
+                                chunk=chunk or 1024, progress=progress and chunk is not None)
               for f in range(folds)]
     model.train(was_training)
     return np.stack(blocks)

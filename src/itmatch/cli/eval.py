@@ -42,13 +42,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         options["box_compat"] = args.box_compat
     if args.box_compat_batch is not None:
         options["box_compat_batch"] = args.box_compat_batch
-    with sharded.process_group(args.device) as device:
-        evaluation = evaluate(args.ckpt, args.data, split=args.split, protocol="fold5" if args.fold5 else "all",
-                              batch_size=args.batch_size, device=device, dtype=args.dtype, options=options,
-                              cxc=args.cxc, vocab=args.vocab or "", bert_path=args.bert_path or "",
-                              memory_budget_mb=args.memory_budget, tiles=tiles, ci_resamples=args.ci_resamples,
-                              ci_seed=args.ci_seed,
-                              progress=progress(args) and sharded.is_main())
+    from itmatch.cost import DryRunFinished, eval_planner
+
+    def planner(model: object) -> object:  # cross-attention: estimated time and memory before scoring
+        return eval_planner(model, device=args.device, dry_run=args.dry_run, report=lambda m: print(m, flush=True))
+
+    try:
+        with sharded.process_group(args.device) as device:
+            evaluation = evaluate(args.ckpt, args.data, split=args.split, protocol="fold5" if args.fold5 else "all",
+                                  batch_size=args.batch_size, device=device, dtype=args.dtype, options=options,
+                                  cxc=args.cxc, vocab=args.vocab or "", bert_path=args.bert_path or "",
+                                  memory_budget_mb=args.memory_budget, tiles=tiles, ci_resamples=args.ci_resamples,
+                                  ci_seed=args.ci_seed, planner=planner,
+                                  progress=progress(args) and sharded.is_main())
+    except DryRunFinished:
+        print("dry run: nothing scored")
+        return 0
     if evaluation is None:  # a torchrun rank other than 0
         return 0
     results = evaluation.results
@@ -88,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scoring dtype (default: the original's: float64 numpy for most, float32 for GSMN); "
                         "float32 is faster")
     e.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (off: exact float32)")
+    e.add_argument("--dry-run", action="store_true",
+                   help="encode, print the estimated scoring time and peak memory, and exit without scoring")
     e.add_argument("--memory-budget", type=positive_float, metavar="MB",
                    help="memory for cross-attention intermediates per tile (changes speed, never scores)")
     e.add_argument("--box-compat", nargs="?", const="release", default="", choices=("release", "upstream"),

@@ -1,0 +1,229 @@
+"""One training step of every method at the papers' sizes, and where its time goes.
+
+Batch 128, 1024-d joint embeddings, 36 regions x 2048-d, captions of Flickr30K length (the synthetic f30k captions,
+about 12 words), word vocabulary 8,500; BERT methods get a random bert-base-sized BertModel written in a temporary
+directory (no download). Each method is built from its F30K preset through the training code's own pieces
+(`resolve_config`, `create_model`, `build_recipe`, the recipe's optimizer, `CaptionDataset` batches with the
+preset's augmentation) and one step is timed as `itmatch.training` runs it, split into:
+
+    data        building the batch (main process, as `data.workers=0`)
+    encoders    model.encode_image + model.encode_text
+    similarity  model.similarity
+    loss        the rest of the forward pass (loss, training-only modules such as VSRN's captioner)
+    backward    loss.backward()
+    optimizer   gradient clipping + optimizer.step() + zero_grad()
+
+    python benchmarks/train_step.py [--methods vsepp,scan,...] [--steps 3] [--batch 128] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py --clock thread ...  # one core, CPU time: robust to load
+
+Medians over `--steps` steps after one warm-up step; the GEMM rate of the machine (a 4608 x 2048 @ 2048 x 1024
+product, the region encoders' shape) is measured in the same run. `floor s` is the step's matrix-product work
+(forward + backward, counted by torch.utils.flop_counter: linear layers, GRUs, attention products) at that rate;
+`floor/step` near 1 means the step is GEMM/GRU work at the machine's rate. The load average is printed per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PRESETS = {  # method label -> (preset, extra overrides)
+    "vsepp": ("vsepp_f30k_precomp", []),
+    "scan_t2i": ("scan_f30k_t2i_lse", []),
+    "scan_i2t": ("scan_f30k_i2t_lse", []),
+    "vse_inf_bigru": ("vse_infinity_f30k_bigru", []),
+    "vsrn": ("vsrn_f30k_precomp", []),
+    "gsmn_sparse": ("gsmn_f30k_sparse", []),
+    "vse_inf_bert": ("vse_infinity_f30k_bert", ["bert"]),
+    "hrem": ("hrem_f30k_bert", ["bert"]),
+}
+PHASES = ("data", "encoders", "similarity", "loss", "backward", "optimizer")
+VOCAB = 8500
+CLOCK = time.perf_counter
+
+
+def gemm_gflops(seconds: float = 2.0) -> float:
+    a, b = torch.randn(128 * 36, 2048), torch.randn(2048, 1024)
+    a @ b
+    n, start = 0, CLOCK()
+    while CLOCK() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (CLOCK() - start) / 1e9
+
+
+def write_data(root: Path, batch: int) -> Path:
+    from itmatch.cli import main as cli_main
+    from itmatch.data.synthetic import generate
+
+    data = root / "synth"
+    generate(data, variant="f30k", seed=0, dim=2048, sizes={"train": batch, "dev": 10, "test": 10})
+    assert cli_main(["-q", "data", "vocab", str(data)]) == 0
+    return data
+
+
+def write_bert_base(root: Path) -> Path:
+    """A random bert-base-uncased-sized BertModel (12 x 768, vocab 30,522) and a small wordpiece vocabulary."""
+    from transformers import BertConfig, BertModel
+
+
+    path = root / "bert-base"
+    path.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    for split in ("train", "dev", "test"):
+        for line in (root / "synth" / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines():
+            words += [w for w in line.lower().replace(".", " .").replace(",", " ,").split() if w not in words]
+    (path / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    BertModel(BertConfig()).save_pretrained(path)
+    return path
+
+
+class Timer:
+    """Accumulates the wall time of wrapped callables per phase."""
+
+    def __init__(self) -> None:
+        self.t = dict.fromkeys(PHASES, 0.0)
+
+    def wrap(self, obj: object, name: str, phase: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start = CLOCK()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.t[phase] += CLOCK() - start
+
+        setattr(obj, name, timed)
+
+
+def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: argparse.Namespace) -> dict:
+    from itmatch.config import load_preset
+    from itmatch.data.augment import AugmentedCaptions
+    from itmatch.data.precomp import CaptionDataset
+    from itmatch.method import SplitInputs
+    from itmatch.registry import create_model, method_spec
+    from itmatch.training import _Batches, _TrainingLoss, build_recipe, epoch_batches, resolve_config
+
+    preset, extra = PRESETS[label]
+    overrides = [f"data.path={json.dumps(str(data))}", f"data.batch_size={args.batch}"]
+    if "bert" in extra:
+        overrides.append(f"model.bert_path={json.dumps(str(bert))}")
+    cfg, split, vocab = resolve_config(load_preset(preset, overrides))
+    if any(f.name == "vocab_size" for f in dataclasses.fields(cfg.model)) and "bert" not in extra:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=VOCAB))
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = create_model(cfg.model)
+    recipe = build_recipe(model, cfg)
+    loss_module = _TrainingLoss(recipe)
+    optimizer = recipe.optimizer(tc.lr)
+    spec = method_spec(cfg.model.name)
+    provider = spec.inputs(cfg.model)
+    found = provider.for_split(split) if provider is not None else SplitInputs()
+    dataset = CaptionDataset(split, vocab, tokens=found.token_ids, image_inputs=found.images,
+                             caption_inputs=found.captions)
+    augment = None
+    if tc.region_drop or tc.word_noise:
+        augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
+    batches = epoch_batches(len(dataset), args.batch, tc.seed, 0)
+    source = _Batches(dataset, batches, augment, (tc.seed, 0, 0))
+    timer = Timer()
+    timer.wrap(model, "encode_image", "encoders")
+    timer.wrap(model, "encode_text", "encoders")
+    timer.wrap(model, "similarity", "similarity")
+    loss_module.train()
+    rows = []
+    for step in range(args.steps + 1):
+        timer.t = dict.fromkeys(PHASES, 0.0)
+        start = CLOCK()
+        batch = source[step % len(source)]
+        timer.t["data"] = CLOCK() - start
+        recipe.on_step_start(step, len(source))
+        kw = {}
+        if batch.image_lengths is not None:
+            kw["image_lengths"] = batch.image_lengths
+        kw |= batch.inputs | batch.extras(recipe.batch_inputs)
+        t0 = CLOCK()
+        loss = loss_module(batch.images, batch.captions, batch.lengths, epoch=0, **kw)["loss"]
+        forward = CLOCK() - t0
+        timer.t["loss"] = forward - timer.t["encoders"] - timer.t["similarity"]
+        t0 = CLOCK()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        timer.t["backward"] = CLOCK() - t0
+        t0 = CLOCK()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(loss_module.parameters(), tc.grad_clip)
+        optimizer.step()
+        timer.t["optimizer"] = CLOCK() - t0
+        if step:  # the first step warms up allocators and kernels
+            rows.append({**timer.t, "step": CLOCK() - start})
+    med = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "step")}
+    # The matrix-product work of one step (GRU and linear layers decompose into mm/addmm under the counter)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = source[0]
+    kw = {"image_lengths": batch.image_lengths} if batch.image_lengths is not None else {}
+    kw |= batch.inputs | batch.extras(recipe.batch_inputs)
+    with FlopCounterMode(display=False) as counter:
+        loss_module(batch.images, batch.captions, batch.lengths, epoch=0, **kw)["loss"].backward()
+    optimizer.zero_grad(set_to_none=True)
+    gflop = counter.get_total_flops() / 1e9
+    n_params = sum(p.numel() for p in recipe.parameters() if p.requires_grad)
+    return {"method": label, "preset": preset, "params_m": round(n_params / 1e6, 1),
+            "mean_caption_tokens": float(batch.lengths.float().mean()), **{k: round(v, 3) for k, v in med.items()},
+            "gflop": round(gflop, 1), "gemm_floor_s": round(gflop / gemm, 3),
+            "steps": [round(r["step"], 3) for r in rows], "loadavg": os.getloadavg()[0]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(PRESETS), help=f"comma-separated, of {', '.join(PRESETS)}")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--json", help="write the rows as JSON")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="thread: CPU time of this thread, robust to other load (needs OMP_NUM_THREADS=1)")
+    args = ap.parse_args()
+    if args.clock == "thread":
+        if torch.get_num_threads() != 1:
+            ap.error("--clock thread measures one CPU thread: run with OMP_NUM_THREADS=1")
+        global CLOCK
+        CLOCK = time.thread_time
+    methods = args.methods.split(",")
+    if unknown := [m for m in methods if m not in PRESETS]:
+        ap.error(f"unknown method(s) {unknown}")
+    with tempfile.TemporaryDirectory(prefix="itmatch_train_step_") as tmp:
+        data = write_data(Path(tmp), args.batch)
+        bert = write_bert_base(Path(tmp)) if any("bert" in PRESETS[m][1] for m in methods) else None
+        gemm = gemm_gflops()
+        print(f"clock {args.clock}, threads {torch.get_num_threads()}, GEMM {gemm:.0f} GFLOP/s "
+              f"(4608x2048 @ 2048x1024), batch {args.batch}, medians of {args.steps} steps after a warm-up")
+        head = f"{'method':14s} {'step s':>7s} " + " ".join(f"{p:>10s}" for p in PHASES)
+        head += "  GFLOP  floor s  floor/step  load"
+        print(head)
+        rows = []
+        for m in methods:
+            r = run_method(m, data, bert, gemm, args)
+            rows.append(r)
+            floor = f" {r['gflop']:6.0f} {r['gemm_floor_s']:8.3f} {r['gemm_floor_s'] / r['step']:10.2f}"
+            print(f"{m:14s} {r['step']:7.3f} " + " ".join(f"{r[p]:10.3f}" for p in PHASES)
+                  + f"{floor}  {r['loadavg']:.1f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
