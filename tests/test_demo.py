@@ -71,3 +71,22 @@ def test_a_quiet_demo_prints_no_epoch_lines(synth_data: Path, tmp_path: Path, ca
     assert main(["-q", "demo", "--data", str(synth_data), "--out", str(tmp_path / "d"),
                  *[a for s in sets for a in ("--set", s)]]) == 0
     assert "epoch 1/1" not in capsys.readouterr().err
+
+
+def test_a_second_demo_continues_the_run_and_keeps_the_users_files(synth_data: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    from itmatch.cli import main
+
+    sets = ["model.embed_dim=16", "model.word_dim=8", "data.batch_size=64", "train.epochs=1", "data.train_images=100"]
+    argv = ["-q", "demo", "--data", str(synth_data), "--out", str(tmp_path / "d"),
+            *[a for s in sets for a in ("--set", s)]]
+    assert main(argv) == 0
+    best = (tmp_path / "d" / "model_best.pt").read_bytes()
+    mine = tmp_path / "d" / "index_images" / "meta.json"  # what the demo told the user to build there
+    mine.parent.mkdir()
+    mine.write_text("the user's index\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "continuing the run there" in capsys.readouterr().out
+    assert mine.read_text(encoding="utf-8") == "the user's index\n"
+    assert (tmp_path / "d" / "model_best.pt").read_bytes() == best  # the finished run is reused, not retrained
