@@ -334,3 +334,20 @@ def test_the_demo_prints_serve_commands_that_work(capsys, synth_data: Path, inde
     svc = RetrievalService.open(args.index)
     assert svc.images is not None and svc.captions is not None
     svc.close()
+
+
+def test_thumbnails_of_the_vse_infinity_layout_come_from_the_parent_of_precomp(tmp_path: Path) -> None:
+    """DATA/precomp/ holds the features, DATA/id_mapping.json and DATA/images/ the pictures, as training reads
+    them; serving looked in precomp/ only and drew no picture."""
+    from PIL import Image
+
+    from itmatch.serve.media import find_image_dir, read_id_mapping
+
+    data = tmp_path / "data"
+    (data / "precomp").mkdir(parents=True)
+    (data / "images").mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(data / "images" / "a.png")
+    (data / "id_mapping.json").write_text('{"7": "a.png"}', encoding="utf-8")
+    assert find_image_dir(data / "precomp") == data / "images"
+    assert read_id_mapping(data / "precomp") == {"7": "a.png"}
+    assert find_image_dir(tmp_path) is None and read_id_mapping(tmp_path) == {}

@@ -133,18 +133,26 @@ def find_image_dir(root: Path, explicit: str = "") -> Path:
                     "pass --set data.image_dir=DIR")
 
 
-def read_id_mapping(root: Path) -> tuple[dict[str, str], Path]:
-    """id_mapping.json next to the captions or, in the VSE-infinity layout, in the parent of precomp/."""
+def load_id_mapping(path: Path) -> dict[str, str]:
+    """An id_mapping.json file: image id (as text) -> file name, or one line saying what is wrong with it."""
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(mapping, dict):
+        raise DataError(f"{path}: expected an object mapping image ids to file names")
+    return {str(k): str(v) for k, v in mapping.items()}
+
+
+def read_id_mapping(root: Path, *, required: bool = True) -> tuple[dict[str, str], Path | None]:
+    """id_mapping.json next to the captions or, in the VSE-infinity layout, in the parent of precomp/ ((empty, None)
+    when there is none and it is not `required`)."""
     candidates = [root / "id_mapping.json"] + ([root.parent / "id_mapping.json"] if root.name == "precomp" else [])
     for path in candidates:
         if path.is_file():
-            try:
-                mapping = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DataError(f"{path}: not valid JSON ({err})") from None
-            if not isinstance(mapping, dict):
-                raise DataError(f"{path}: expected an object mapping image ids to file names")
-            return {str(k): str(v) for k, v in mapping.items()}, path
+            return load_id_mapping(path), path
+    if not required:
+        return {}, None
     raise DataError(f"no id_mapping.json in {' or '.join(str(c.parent) for c in candidates)}; raw-image datasets "
                     "map the ids of {split}_ids.txt to files through it")
 

@@ -60,15 +60,11 @@ class _Item:
 
 
 def _id_mapping(ids_path: Path) -> dict[str, str]:
+    from itmatch.data.images import load_id_mapping
+
     for path in (ids_path.parent / "id_mapping.json", ids_path.parent.parent / "id_mapping.json"):
         if path.is_file():
-            try:
-                mapping = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DataError(f"{path}: not valid JSON ({err})") from None
-            if not isinstance(mapping, dict):
-                raise DataError(f"{path}: expected an object mapping image ids to file names")
-            return {str(k): str(v) for k, v in mapping.items()}
+            return load_id_mapping(path)
     return {}
 
 

@@ -17,29 +17,29 @@ from pathlib import Path
 import numpy as np
 
 from itmatch.data.layout import IMAGE_DIR_NAMES
-from itmatch.errors import ItmatchError
+from itmatch.errors import DataError
 from itmatch.serve.limits import ServeError
 
 _THUMB_SIDE = 384
 
 
 def find_image_dir(root: Path) -> Path | None:
-    """The dataset's image directory: the first of `IMAGE_DIR_NAMES` under `root` (training's order), if any."""
-    return next((root / n for n in IMAGE_DIR_NAMES if (root / n).is_dir()), None)
+    """The dataset's image directory, found as training finds it (`IMAGE_DIR_NAMES` in order, under `root` or, in
+    the VSE-infinity layout, the parent of precomp/), if any."""
+    from itmatch.data.images import find_image_dir as training_image_dir
+
+    try:
+        return training_image_dir(root)
+    except DataError:
+        return None
 
 
 def read_id_mapping(root: Path) -> dict[str, str]:
-    """`root/id_mapping.json` (image id -> file under the image directory), {} when absent."""
-    path = root / "id_mapping.json"
-    if not path.is_file():
-        return {}
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ItmatchError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(mapping, dict):
-        raise ItmatchError(f"{path}: expected an object mapping image ids to file names")
-    return {str(k): str(v) for k, v in mapping.items()}
+    """The dataset's id_mapping.json (image id -> file under the image directory), found where training finds it
+    (next to the captions, or in the parent of precomp/); {} when there is none."""
+    from itmatch.data.images import read_id_mapping as find_mapping
+
+    return find_mapping(root, required=False)[0]
 
 
 def read_scenes(root: Path, split: str) -> dict[str, list[dict]]:
