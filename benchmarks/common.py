@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 
 def rss_mb() -> float:
@@ -33,3 +35,14 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_mb())
+
+
+def matmul_gflops(a: Any, b: Any, *, seconds: float = 2.0, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Sustained GFLOP/s of `a @ b` (torch tensors) repeated for `seconds` on `clock`: the roofline the benchmarks
+    compare their engines with, measured in the same run and on the same clock."""
+    a @ b  # warm-up
+    n, start = 0, clock()
+    while clock() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (clock() - start) / 1e9

@@ -84,13 +84,9 @@ def run(sparse: bool, args: argparse.Namespace) -> dict:
     ours_pair, loop_pair = statistics.median(ours_us), statistics.median(loop_us)
     # Roofline: the region-word dot products (2 R d flops per word and region, summed over the 16 blocks) at
     # the rate of one large float32 matmul of that shape, timed on the same clock in this run.
-    a, b = torch.randn(128 * REGIONS, DIM), torch.randn(DIM, 128 * 14)
-    a @ b
-    n, start = 0, clock()
-    while clock() - start < 2.0:
-        a @ b
-        n += 1
-    gemm = 2 * a.shape[0] * DIM * b.shape[1] * n / (clock() - start) / 1e9
+    from common import matmul_gflops
+
+    gemm = matmul_gflops(torch.randn(128 * REGIONS, DIM), torch.randn(DIM, 128 * 14), clock=clock)
     flop_per_pair = 2 * REGIONS * DIM * float(lengths[: args.captions].float().mean())
     gflops = flop_per_pair / (ours_pair * 1e-6) / 1e9
     return {

@@ -52,13 +52,9 @@ CLOCK = time.perf_counter
 
 
 def gemm_gflops(seconds: float = 2.0) -> float:
-    a, b = torch.randn(128 * 36, 2048), torch.randn(2048, 1024)
-    a @ b
-    n, start = 0, CLOCK()
-    while CLOCK() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (CLOCK() - start) / 1e9
+    from common import matmul_gflops
+
+    return matmul_gflops(torch.randn(128 * 36, 2048), torch.randn(2048, 1024), seconds=seconds, clock=CLOCK)
 
 
 def write_data(root: Path, batch: int) -> Path:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common import PeakRss, rss_mb
+from common import matmul_gflops as matmul_rate
 from itmatch.models.base import Encoded
 from itmatch.modules.cross_attention import XAttnConfig, xattn_similarity
 
@@ -105,12 +106,7 @@ def matmul_gflops(dtype: torch.dtype, seconds: float = 3.0) -> float:
     """Sustained GFLOP/s of a plain matmul of the engine's main shape (4608 x 1024 @ 1024 x 1792)."""
     a = torch.randn(128 * REGIONS, DIM, dtype=dtype)
     b = torch.randn(DIM, 128 * 14, dtype=dtype)
-    a @ b
-    n, start = 0, CLOCK()
-    while CLOCK() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (CLOCK() - start) / 1e9
+    return matmul_rate(a, b, seconds=seconds, clock=CLOCK)
 
 
 def run_f30k(args: argparse.Namespace, dtype: torch.dtype) -> dict:
