@@ -200,15 +200,12 @@ def _as_matcher(model: str | os.PathLike | Matcher, *, device: str, vocab: str, 
 
 def contrast_pairs(root: Path, split: str) -> list[tuple[int, int]]:
     """Contrast pairs (image rows) of a split, from the synthetic dataset's scenes.jsonl if present."""
-    path = root / "scenes.jsonl"
-    if not path.is_file():
-        return []
+    from itmatch.data.synthetic import scene_records
+
     groups: dict[int, list[int]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            scene = json.loads(line)
-            if scene.get("split") == split and scene.get("group") is not None:
-                groups.setdefault(int(scene["group"]), []).append(int(scene["index"]))
+    for scene in scene_records(root, split):
+        if scene.get("group") is not None:
+            groups.setdefault(int(scene["group"]), []).append(int(scene["index"]))
     return [(m[0], m[1]) for m in groups.values() if len(m) == 2]
 
 

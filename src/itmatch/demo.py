@@ -43,14 +43,6 @@ def ensure_dataset(data: Path, *, progress: bool = False, render: bool = False,
     write_vocab(data)
 
 
-def _scenes(root: Path, split: str) -> list[dict]:
-    path = root / "scenes.jsonl"
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return [s for s in map(json.loads, fh) if s.get("split") == split]
-
-
 def evaluate_checkpoint(ckpt: Path, data: Path, split: str = "test", *, progress: bool = False,
                         ci_resamples: int = 1000) -> tuple[dict, np.ndarray]:
     """(results, similarity matrix) of one checkpoint on a split: recalls, curves, bootstrap intervals, contrast
@@ -96,9 +88,9 @@ def retrieval_report(sims: np.ndarray, data: Path, out: Path, *, split: str = "t
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from itmatch.data.synthetic import render_scene
+    from itmatch.data.synthetic import render_scene, scene_records
 
-    scenes = {int(s["index"]): s for s in _scenes(data, split)}
+    scenes = {int(s["index"]): s for s in scene_records(data, split)}
     captions = (data / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines()
     rows_shown = []
     for c in queries if queries is not None else pick_queries(sims, captions_per_image=captions_per_image):

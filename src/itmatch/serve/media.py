@@ -8,7 +8,6 @@ gallery, and a resolved file must lie inside the image directory (no path traver
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import threading
@@ -44,15 +43,9 @@ def read_id_mapping(root: Path) -> dict[str, str]:
 
 def read_scenes(root: Path, split: str) -> dict[str, list[dict]]:
     """The objects of each image of `split` in the synthetic dataset's `scenes.jsonl`, by image id ({} if none)."""
-    path = root / "scenes.jsonl"
-    scenes: dict[str, list[dict]] = {}
-    if path.is_file():
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                record = json.loads(line)
-                if record.get("split") == split:
-                    scenes[str(record["id"])] = record["objects"]
-    return scenes
+    from itmatch.data.synthetic import scene_records
+
+    return {str(record["id"]): record["objects"] for record in scene_records(root, split)}
 
 
 def open_boxes(root: Path, split: str, n_images: int) -> np.ndarray | None:

@@ -24,7 +24,7 @@ from itmatch.data.synthetic.features import N_REGIONS
 from itmatch.data.synthetic.grammar import dependency_pairs
 from itmatch.data.synthetic.rendering import render_scene
 from itmatch.data.synthetic.scene import CANVAS_H, CANVAS_W, COLOURS, MATERIALS, SHAPES, SIZES
-from itmatch.data.synthetic.writer import SPLITS_COCO, SPLITS_F30K, generate
+from itmatch.data.synthetic.writer import SPLITS_COCO, SPLITS_F30K, generate, scene_records
 
 __all__ = ["CANVAS_H", "CANVAS_W", "COLOURS", "MATERIALS", "N_REGIONS", "SHAPES", "SIZES", "SPLITS_COCO", "SPLITS_F30K",
-           "dependency_pairs", "generate", "render_scene"]
+           "dependency_pairs", "generate", "render_scene", "scene_records"]

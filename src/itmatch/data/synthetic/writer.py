@@ -250,3 +250,14 @@ def generate(
         mapping = {i: f"{i}.png" for split in counts for i in (root / f"{split}_ids.txt").read_text().split()}
         (root / "id_mapping.json").write_text(json.dumps(mapping) + "\n", encoding="utf-8")
     return counts
+
+
+def scene_records(root: str | os.PathLike, split: str) -> list[dict]:
+    """The `scenes.jsonl` records of `split` (each image's objects, group, index, id), [] where the dataset has no
+    such file (a real dataset): what evaluation's contrast pairs, the demo's pictures and the server's thumbnails
+    read."""
+    path = Path(root) / "scenes.jsonl"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [record for record in map(json.loads, fh) if record.get("split") == split]
