@@ -26,6 +26,8 @@ ROWS = [
     ("VSE++, shuffled captions (control)", "vsepp_synth", ["data.shuffle_captions=true", "train.epochs=1"]),
     ("SCAN t2i AVG", "scan_synth_t2i_avg", []),
     ("VSE-infinity, BiGRU", "vse_infinity_synth_bigru", []),
+    ("VSE-infinity, BiGRU, collapse guard fallback (the demo)", "vse_infinity_synth_bigru",
+     ['train.collapse_guard="fallback"']),
     ("VSE-infinity, MiniLM", "vse_infinity_synth_minilm", []),
     ("HREM, MiniLM", "hrem_synth_minilm", []),
     ("HREM, MiniLM, no instance graph", "hrem_synth_minilm", ["model.warmup_iterations=1000000"]),
@@ -36,6 +38,9 @@ ROWS = [
     ("VSE-infinity grid, tiny ResNet from scratch (raw images)", "vse_infinity_synth_grid", []),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+DEMO_START, DEMO_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+DEMO_ROW = "VSE-infinity, BiGRU, collapse guard fallback (the demo)"  # seed 0 of this row is `make demo`'s run
+SAVE_EVERY = 100  # steps between resumable checkpoints of a results run
 
 
 def slug_of(label: str) -> str:
@@ -44,22 +49,24 @@ def slug_of(label: str) -> str:
 
 def run_row(label: str, preset: str, sets: list[str], data: Path, runs: Path, seed: int = 0,
             extra: list[str] | None = None) -> dict:
-    """Train and evaluate one row with one seed (cached: a run evaluated after its best checkpoint is reused)."""
+    """Train and evaluate one row with one seed (cached: a run evaluated after its best checkpoint is reused).
+
+    A run killed part way (the table takes hours) continues from its last checkpoint, written every
+    `SAVE_EVERY` steps; resuming replays the uninterrupted run exactly, so the numbers do not depend on it.
+    """
     from itmatch.api import evaluate
     from itmatch.config import load_preset
-    from itmatch.training import BEST, fit
+    from itmatch.training import BEST, CHECKPOINT, fit
 
     slug = f"{slug_of(label)}.seed{seed}"
     out = runs / slug
     sets = [*sets, *(extra or [])]
-    cfg = load_preset(preset, [f"data.path={json.dumps(str(data))}", *sets, f"train.seed={seed}"])
+    cfg = load_preset(preset, [f"data.path={json.dumps(str(data))}", *sets, f"train.seed={seed}",
+                               f"train.save_every={SAVE_EVERY}"])
     if (out / BEST).is_file() and (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
     else:
-        import shutil
-
-        shutil.rmtree(out, ignore_errors=True)
-        summary = fit(cfg, out)
+        summary = fit(cfg, out, resume=(out / CHECKPOINT).is_file())
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     cached = runs / f"{slug}.json"
     if cached.is_file() and cached.stat().st_mtime > (out / BEST).stat().st_mtime:
@@ -131,6 +138,27 @@ def markdown(aggs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def demo_paragraph(row: dict, file: str) -> str:
+    """The README's figures for `make demo`, quoted from seed 0 of the demo's row (the same preset, overrides, data
+    and seed as `itmatch demo`, so the same run)."""
+    ci = row.get("ci", {})
+    interval = f" (bootstrap 95 % interval {ci['rsum'][0]:.1f}–{ci['rsum'][1]:.1f})" if "rsum" in ci else ""
+    contrast = row.get("contrast") or {}
+    pairs = f", contrast pairs {contrast['t2i']:.1f} % / {contrast['i2t']:.1f} % (chance 50 %)" if contrast else ""
+    return (f"The demo's run is seed 0 of the table's row \"{row['label']}\" (`{file}`, code {_commit(row)}): "
+            f"test rsum **{row['rsum']:.1f}**{interval}, i2t R@1 {row['i2t']['R@1']:.1f}, t2i R@1 "
+            f"{row['t2i']['R@1']:.1f} (chance: rsum 3.2, R@1 0.1){pairs}, {row['train_seconds'] / 60:.1f} min of "
+            f"training ({row['epochs']} epochs).")
+
+
+def _replace_block(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"README lacks the markers {start} ... {end}")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{body}\n{end}{after}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/synth_f30k")
@@ -173,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(aggs) < len(ROWS):
         return 0
     readme = Path(args.readme)
-    text = readme.read_text(encoding="utf-8")
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        _, after = rest.split(END, 1)
-        readme.write_text(f"{before}{START}\n{table}\n{END}{after}", encoding="utf-8")
-        print(f"updated {readme}")
+    text = _replace_block(readme.read_text(encoding="utf-8"), START, END, table)
+    demo_file = f"{slug_of(DEMO_ROW)}.seed0.json"
+    if 0 in args.seeds:
+        text = _replace_block(text, DEMO_START, DEMO_END,
+                              demo_paragraph(json.loads((runs / demo_file).read_text()), demo_file))
+    readme.write_text(text, encoding="utf-8")
+    print(f"updated {readme}")
     return 0
 
 
