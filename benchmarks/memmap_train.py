@@ -6,7 +6,7 @@ workers (`data.workers`), so the disk should never show in the step time. Target
 and its workers), and seconds per step within 10 % of the same training on images already in the page cache.
 
     python benchmarks/memmap_train.py [--coco] [--dir /tmp/itmatch_memmap] [--steps 40] [--workers 1] [--rounds 2]
-        [--keep]
+        [--keep] [--write-only]
 
 `--coco` writes 113,287 x 36 x 2048 float32 (33 GB; F30K's 29,000 by default). Runs alternate, `--rounds` times:
 "disk" trains on the whole file (random batches: with a file larger than the page cache most reads go to the
@@ -94,6 +94,9 @@ def main() -> int:
     ap.add_argument("--cached-images", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--write-only", action="store_true",
+                    help="write the files and stop (implies --keep): a later run measures, and its workers' peak "
+                         "RSS is then theirs, not the writer's")
     args = ap.parse_args()
     n_train = N_COCO if args.coco else args.n_train
 
@@ -112,6 +115,8 @@ def main() -> int:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             print(f"  written in {pool.submit(write_dataset, root, n_train).result():.0f}s", flush=True)
         assert cli_main(["-q", "data", "vocab", str(root)]) == 0
+    if args.write_only:
+        return 0
     size_gb = (root / "train_ims.npy").stat().st_size / 1e9
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     runs: dict[str, list[dict]] = {"cached": [], "disk": []}
