@@ -19,7 +19,10 @@ preset's augmentation) and one step is timed as `itmatch.training` runs it, spli
 Medians over `--steps` steps after one warm-up step; the GEMM rate of the machine (a 4608 x 2048 @ 2048 x 1024
 product, the region encoders' shape) is measured in the same run. `floor s` is the step's matrix-product work
 (forward + backward, counted by torch.utils.flop_counter: linear layers, GRUs, attention products) at that rate;
-`floor/step` near 1 means the step is GEMM/GRU work at the machine's rate. The load average is printed per row.
+`floor/step` near 1 means the step is GEMM/GRU work at the machine's rate. `mm share` is the fraction of one
+more step's CPU time (torch.profiler) spent inside matrix products at the rate their shapes actually get (the GRU's
+per-word products are far smaller than the floor's); the rest is elementwise work, copies and autograd. The load
+average is printed per row.
 """
 
 from __future__ import annotations
@@ -181,6 +184,22 @@ def train_step(setup: Setup, batch: Any, step: int, timer: Timer | None = None) 
     return loss.detach()
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def matmul_share(setup: Setup, batch: Any, step: int) -> float:
+    """The fraction of one training step's CPU time (torch.profiler, self time of every op) spent inside matrix
+    products (`MATMUL_OPS`: linear layers, GRU gates, attention products, forward and backward), at whatever rate
+    their shapes get."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(setup, batch, step)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
+
+
 def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: argparse.Namespace) -> dict:
     setup = build(label, data, bert, args.batch)
     model, recipe, loss_module, optimizer, source = (setup.model, setup.recipe, setup.loss_module,
@@ -209,10 +228,11 @@ def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: arg
         loss_module(batch.images, batch.captions, batch.lengths, epoch=0, **kw)["loss"].backward()
     optimizer.zero_grad(set_to_none=True)
     gflop = counter.get_total_flops() / 1e9
+    gemm_share = matmul_share(setup, source[0], args.steps + 1)
     n_params = sum(p.numel() for p in recipe.parameters() if p.requires_grad)
     return {"method": label, "preset": preset, "params_m": round(n_params / 1e6, 1),
             "mean_caption_tokens": float(batch.lengths.float().mean()), **{k: round(v, 3) for k, v in med.items()},
-            "gflop": round(gflop, 1), "gemm_floor_s": round(gflop / gemm, 3),
+            "gflop": round(gflop, 1), "gemm_floor_s": round(gflop / gemm, 3), "gemm_share": round(gemm_share, 2),
             "steps": [round(r["step"], 3) for r in rows], "loadavg": os.getloadavg()[0]}
 
 
@@ -240,13 +260,14 @@ def main() -> int:
         print(f"clock {args.clock}, threads {torch.get_num_threads()}, GEMM {gemm:.0f} GFLOP/s "
               f"(4608x2048 @ 2048x1024), batch {args.batch}, medians of {args.steps} steps after a warm-up")
         head = f"{'method':14s} {'step s':>7s} " + " ".join(f"{p:>10s}" for p in PHASES)
-        head += "  GFLOP  floor s  floor/step  load"
+        head += "  GFLOP  floor s  floor/step  mm share  load"
         print(head)
         rows = []
         for m in methods:
             r = run_method(m, data, bert, gemm, args)
             rows.append(r)
             floor = f" {r['gflop']:6.0f} {r['gemm_floor_s']:8.3f} {r['gemm_floor_s'] / r['step']:10.2f}"
+            floor += f" {r['gemm_share']:9.2f}"
             print(f"{m:14s} {r['step']:7.3f} " + " ".join(f"{r[p]:10.3f}" for p in PHASES)
                   + f"{floor}  {r['loadavg']:.1f}", flush=True)
     if args.json:
