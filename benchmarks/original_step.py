@@ -112,7 +112,8 @@ class _OriginalFinder(importlib.abc.MetaPathFinder):
 def import_original(root: Path, module: str, log: list[str]) -> types.ModuleType:
     """Import `module` (dotted, e.g. 'lib.vse') and what it imports from `root`, with `REWRITES` applied and a
     stand-in for torchvision when it is not installed; changes are appended to `log`."""
-    if importlib.util.find_spec("torchvision") is None and "torchvision" not in sys.modules:
+    wants = any("import torchvision" in f.read_text(encoding="utf-8", errors="replace") for f in root.rglob("*.py"))
+    if wants and importlib.util.find_spec("torchvision") is None and "torchvision" not in sys.modules:
         stand_in = types.ModuleType("torchvision")
         stand_in.models = types.ModuleType("torchvision.models")
         sys.modules["torchvision"], sys.modules["torchvision.models"] = stand_in, stand_in.models
