@@ -19,7 +19,10 @@ preset's augmentation) and one step is timed as `itmatch.training` runs it, spli
 Medians over `--steps` steps after one warm-up step; the GEMM rate of the machine (a 4608 x 2048 @ 2048 x 1024
 product, the region encoders' shape) is measured in the same run. `floor s` is the step's matrix-product work
 (forward + backward, counted by torch.utils.flop_counter: linear layers, GRUs, attention products) at that rate;
-`floor/step` near 1 means the step is GEMM/GRU work at the machine's rate. The load average is printed per row.
+`floor/step` near 1 means the step is GEMM/GRU work at the machine's rate. `mm share` is the fraction of one
+more step's CPU time (torch.profiler) spent inside matrix products at the rate their shapes actually get (the GRU's
+per-word products are far smaller than the floor's); the rest is elementwise work, copies and autograd. The load
+average is printed per row.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,7 +107,22 @@ class Timer:
         setattr(obj, name, timed)
 
 
-def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: argparse.Namespace) -> dict:
+@dataclasses.dataclass
+class Setup:
+    """One method built as `itmatch.training` builds it, ready for `train_step`."""
+
+    label: str
+    preset: str
+    model: Any
+    recipe: Any
+    loss_module: Any
+    optimizer: Any
+    source: Any  # the epoch's batches (`_Batches`), augmentation included
+    grad_clip: float
+
+
+def build(label: str, data: Path, bert: Path | None, batch_size: int) -> Setup:
+    """The model, recipe, optimizer and batches of `label`'s F30K preset at `batch_size`."""
     from itmatch.config import load_preset
     from itmatch.data.augment import AugmentedCaptions
     from itmatch.data.precomp import CaptionDataset
@@ -112,7 +131,7 @@ def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: arg
     from itmatch.training import _Batches, _TrainingLoss, build_recipe, epoch_batches, resolve_config
 
     preset, extra = PRESETS[label]
-    overrides = [f"data.path={json.dumps(str(data))}", f"data.batch_size={args.batch}"]
+    overrides = [f"data.path={json.dumps(str(data))}", f"data.batch_size={batch_size}"]
     if "bert" in extra:
         overrides.append(f"model.bert_path={json.dumps(str(bert))}")
     cfg, split, vocab = resolve_config(load_preset(preset, overrides))
@@ -132,37 +151,71 @@ def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: arg
     augment = None
     if tc.region_drop or tc.word_noise:
         augment = AugmentedCaptions(dataset, vocab, region_drop=tc.region_drop, word_noise=tc.word_noise)
-    batches = epoch_batches(len(dataset), args.batch, tc.seed, 0)
+    batches = epoch_batches(len(dataset), batch_size, tc.seed, 0)
     source = _Batches(dataset, batches, augment, (tc.seed, 0, 0))
+    loss_module.train()
+    return Setup(label, preset, model, recipe, loss_module, optimizer, source, tc.grad_clip)
+
+
+def batch_kwargs(setup: Setup, batch: Any) -> dict:
+    """The keyword inputs `_TrainingLoss` takes besides images, captions and lengths."""
+    kw = {"image_lengths": batch.image_lengths} if batch.image_lengths is not None else {}
+    return kw | batch.inputs | batch.extras(setup.recipe.batch_inputs)
+
+
+def train_step(setup: Setup, batch: Any, step: int, timer: Timer | None = None) -> torch.Tensor:
+    """One training step on a built batch as `itmatch.training` runs it (forward, loss, backward, clipping,
+    optimizer step), booking the phases in `timer` (encoders and similarity through its wrappers); the loss."""
+    setup.recipe.on_step_start(step, len(setup.source))
+    t0 = CLOCK()
+    loss = setup.loss_module(batch.images, batch.captions, batch.lengths, epoch=0,
+                             **batch_kwargs(setup, batch))["loss"]
+    t1 = CLOCK()
+    setup.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t2 = CLOCK()
+    if setup.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(setup.loss_module.parameters(), setup.grad_clip)
+    setup.optimizer.step()
+    if timer is not None:
+        timer.t["loss"] = t1 - t0 - timer.t["encoders"] - timer.t["similarity"]
+        timer.t["backward"] = t2 - t1
+        timer.t["optimizer"] = CLOCK() - t2
+    return loss.detach()
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def matmul_share(setup: Setup, batch: Any, step: int) -> float:
+    """The fraction of one training step's CPU time (torch.profiler, self time of every op) spent inside matrix
+    products (`MATMUL_OPS`: linear layers, GRU gates, attention products, forward and backward), at whatever rate
+    their shapes get."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(setup, batch, step)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
+
+
+def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: argparse.Namespace) -> dict:
+    setup = build(label, data, bert, args.batch)
+    model, recipe, loss_module, optimizer, source = (setup.model, setup.recipe, setup.loss_module,
+                                                     setup.optimizer, setup.source)
+    preset = setup.preset
     timer = Timer()
     timer.wrap(model, "encode_image", "encoders")
     timer.wrap(model, "encode_text", "encoders")
     timer.wrap(model, "similarity", "similarity")
-    loss_module.train()
     rows = []
     for step in range(args.steps + 1):
         timer.t = dict.fromkeys(PHASES, 0.0)
         start = CLOCK()
         batch = source[step % len(source)]
         timer.t["data"] = CLOCK() - start
-        recipe.on_step_start(step, len(source))
-        kw = {}
-        if batch.image_lengths is not None:
-            kw["image_lengths"] = batch.image_lengths
-        kw |= batch.inputs | batch.extras(recipe.batch_inputs)
-        t0 = CLOCK()
-        loss = loss_module(batch.images, batch.captions, batch.lengths, epoch=0, **kw)["loss"]
-        forward = CLOCK() - t0
-        timer.t["loss"] = forward - timer.t["encoders"] - timer.t["similarity"]
-        t0 = CLOCK()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        timer.t["backward"] = CLOCK() - t0
-        t0 = CLOCK()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(loss_module.parameters(), tc.grad_clip)
-        optimizer.step()
-        timer.t["optimizer"] = CLOCK() - t0
+        train_step(setup, batch, step, timer)
         if step:  # the first step warms up allocators and kernels
             rows.append({**timer.t, "step": CLOCK() - start})
     med = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "step")}
@@ -170,16 +223,16 @@ def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: arg
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = source[0]
-    kw = {"image_lengths": batch.image_lengths} if batch.image_lengths is not None else {}
-    kw |= batch.inputs | batch.extras(recipe.batch_inputs)
+    kw = batch_kwargs(setup, batch)
     with FlopCounterMode(display=False) as counter:
         loss_module(batch.images, batch.captions, batch.lengths, epoch=0, **kw)["loss"].backward()
     optimizer.zero_grad(set_to_none=True)
     gflop = counter.get_total_flops() / 1e9
+    gemm_share = matmul_share(setup, source[0], args.steps + 1)
     n_params = sum(p.numel() for p in recipe.parameters() if p.requires_grad)
     return {"method": label, "preset": preset, "params_m": round(n_params / 1e6, 1),
             "mean_caption_tokens": float(batch.lengths.float().mean()), **{k: round(v, 3) for k, v in med.items()},
-            "gflop": round(gflop, 1), "gemm_floor_s": round(gflop / gemm, 3),
+            "gflop": round(gflop, 1), "gemm_floor_s": round(gflop / gemm, 3), "gemm_share": round(gemm_share, 2),
             "steps": [round(r["step"], 3) for r in rows], "loadavg": os.getloadavg()[0]}
 
 
@@ -207,13 +260,14 @@ def main() -> int:
         print(f"clock {args.clock}, threads {torch.get_num_threads()}, GEMM {gemm:.0f} GFLOP/s "
               f"(4608x2048 @ 2048x1024), batch {args.batch}, medians of {args.steps} steps after a warm-up")
         head = f"{'method':14s} {'step s':>7s} " + " ".join(f"{p:>10s}" for p in PHASES)
-        head += "  GFLOP  floor s  floor/step  load"
+        head += "  GFLOP  floor s  floor/step  mm share  load"
         print(head)
         rows = []
         for m in methods:
             r = run_method(m, data, bert, gemm, args)
             rows.append(r)
             floor = f" {r['gflop']:6.0f} {r['gemm_floor_s']:8.3f} {r['gemm_floor_s'] / r['step']:10.2f}"
+            floor += f" {r['gemm_share']:9.2f}"
             print(f"{m:14s} {r['step']:7.3f} " + " ".join(f"{r[p]:10.3f}" for p in PHASES)
                   + f"{floor}  {r['loadavg']:.1f}", flush=True)
     if args.json:

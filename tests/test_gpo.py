@@ -131,3 +131,24 @@ def test_gradients_reach_the_gru_and_scorer() -> None:
     pooled, _ = gpo(torch.randn(3, 4, 5), torch.tensor([4, 2, 3]))
     pooled.pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gpo.parameters())
+
+
+def test_pooling_and_gradients_equal_upstreams_sort_along_axis_1_bitwise() -> None:
+    """Gpo sorts a transposed contiguous copy along its last axis; upstream sorts axis 1 in place. Same output
+    and the same gradient for the features, bit for bit, with padded slots."""
+    torch.manual_seed(0)
+    gpo = Gpo(32, 32)
+    lengths = torch.tensor([5, 2, 7, 7])
+    features = torch.randn(4, 7, 16, requires_grad=True)
+    weights = gpo.pool_weights(lengths).detach()
+    pad = torch.arange(7)[None, :, None] >= lengths[:, None, None]
+    upstream_sorted = features.masked_fill(pad, -10000.0).sort(dim=1, descending=True)[0].masked_fill(pad, 0)
+    upstream = (upstream_sorted * weights[..., None]).sum(1)
+    probe = torch.linspace(-1, 1, 16)
+    (grad_upstream,) = torch.autograd.grad((upstream * probe).sum(), features)
+    pooled, got_weights = gpo(features, lengths)
+    (grad,) = torch.autograd.grad((pooled * probe).sum(), features)
+    assert torch.equal(got_weights.detach(), weights)
+    assert torch.equal(pooled, upstream) and pooled.abs().sum() > 0
+    assert torch.equal(grad, grad_upstream) and grad[1, :2].abs().sum() > 0
+    assert not grad[1, 2:].any()  # padded slots get no gradient

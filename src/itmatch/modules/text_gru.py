@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 
 def _gru_steps(gates_in: list[torch.Tensor], hidden: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor,
@@ -65,6 +65,18 @@ def packed_gru(rnn: nn.GRU, packed: PackedSequence) -> PackedSequence:
     return PackedSequence(x, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
 
+def packed_rows(packed: PackedSequence, lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, steps) indices into `packed.data` of each caption's step t, in the captions' own order; positions at or
+    beyond a caption's length get len(packed.data) (a row past the end, for a zero padding row)."""
+    sizes = packed.batch_sizes
+    offsets = torch.zeros(len(sizes), dtype=torch.long)
+    offsets[1:] = sizes.cumsum(0)[:-1]
+    slot = packed.unsorted_indices if packed.unsorted_indices is not None else torch.arange(len(lengths))
+    t = torch.arange(steps)
+    rows = offsets[t.clamp(max=len(sizes) - 1)].view(1, -1) + slot.cpu().view(-1, 1)
+    return torch.where(t.view(1, -1) < lengths.cpu().view(-1, 1), rows, len(packed.data))
+
+
 class GruTextEncoder(nn.Module):
     def __init__(
         self,
@@ -95,10 +107,16 @@ class GruTextEncoder(nn.Module):
             out = packed_gru(self.rnn, packed)  # same numbers, a cheaper backward
         else:
             out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True)  # (B, Lmax, H * dirs), zero padded
-        if self.bidirectional:
-            out = (out[..., : self.hidden] + out[..., self.hidden :]) / 2
-        if self.output == "all":
-            return out
-        idx = (lengths.to(out.device) - 1).view(-1, 1, 1).expand(-1, 1, out.size(2))
-        return out.gather(1, idx).squeeze(1)  # (B, H)
+        data = out.data
+        if self.bidirectional:  # elementwise, so averaging the packed rows equals averaging the padded ones
+            data = (data[:, : self.hidden] + data[:, self.hidden :]) / 2
+        lengths = lengths.cpu()
+        if self.output == "last":
+            rows = packed_rows(out, lengths, int(lengths.max()))
+            return data.index_select(0, rows.gather(1, (lengths - 1).view(-1, 1)).view(-1).to(data.device))
+        # what pad_packed_sequence returns (zero beyond each length), with one gather instead of a copy per
+        # distinct length, each of which costs a copy of the whole padded gradient in the backward
+        steps = len(out.batch_sizes)
+        rows = packed_rows(out, lengths, steps).view(-1).to(data.device)
+        padded = torch.cat([data, data.new_zeros(1, data.size(1))]).index_select(0, rows)
+        return padded.view(len(lengths), steps, data.size(1))  # (B, Lmax, H)
