@@ -10,6 +10,10 @@ alternately; the fused kernel's compilation (or its load from PyTorch's cache) i
 
     python benchmarks/xattn_eval.py [--dtype float32|float64] [--loop-captions 256] [--coco] [--repeats 3]
     OMP_NUM_THREADS=1 python benchmarks/xattn_eval.py --clock thread ...   # one core, CPU time: robust to load
+    python benchmarks/xattn_eval.py --original ~/src/SCAN ...   # the unmodified original's loop, not the port
+
+`--original DIR` times the original's own `xattn_score_t2i/i2t` (imported from your checkout of kuanghuei/SCAN, with
+only the changes `original_step.py` prints) in the 128 x 128 shards of its `shard_xattn_*`, instead of the port.
 
 The roofline is measured in the same process, on the same clock, just before each setting is timed.
 
@@ -25,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -91,14 +96,37 @@ def original_shard(images: torch.Tensor, captions: torch.Tensor, cap_lens: list[
 
 
 def original_sims(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, cfg: XAttnConfig,
-                  shard: int = 128) -> torch.Tensor:
-    """Port of upstream shard_xattn_*: 128 x 128 shards, each scored by the per-caption loop."""
+                  shard: int = 128, scorer=None) -> torch.Tensor:
+    """Upstream shard_xattn_*'s 128 x 128 shards, each scored by the per-caption loop: `scorer(images, captions,
+    lengths, cfg)` (the unmodified original's function, `original_scorer`) or, without it, the port above."""
     out = torch.empty(len(images), len(captions), dtype=images.dtype)
     for i in range(0, len(images), shard):
         for j in range(0, len(captions), shard):
-            out[i : i + shard, j : j + shard] = original_shard(
+            out[i : i + shard, j : j + shard] = (scorer or original_shard)(
                 images[i : i + shard], captions[j : j + shard], lengths[j : j + shard].tolist(), cfg)
     return out
+
+
+def original_scorer(root: str):
+    """The unmodified original's `xattn_score_t2i` / `xattn_score_i2t` from the user's checkout of kuanghuei/SCAN
+    (its model.py imported as `original_step.import_original` does, the changes it needs printed)."""
+    from types import SimpleNamespace
+
+    from original_step import import_original
+
+    log: list[str] = []
+    model = import_original(Path(root).expanduser(), "model", log)
+    for line in log:
+        print(f"original: {line}", flush=True)
+
+    def score(images, captions, cap_lens, cfg):
+        opt = SimpleNamespace(raw_feature_norm=cfg.raw_feature_norm, lambda_softmax=cfg.lambda_softmax,
+                              agg_func=cfg.agg_func, lambda_lse=cfg.lambda_lse)
+        fn = model.xattn_score_t2i if cfg.direction == "t2i" else model.xattn_score_i2t
+        with torch.no_grad():  # upstream wraps its shards in Variable(volatile=True)
+            return fn(images, captions, cap_lens, opt)
+
+    return score
 
 
 # --------------------------------------------------------------------------- measurements
@@ -149,12 +177,13 @@ def run_f30k(args: argparse.Namespace, dtype: torch.dtype) -> dict:
         sims = result[kernels[-1]]
         engine = statistics.median(times[kernels[-1]])
         start = CLOCK()
-        loop = original_sims(images.to(dtype), sample_caps, lengths[sample], cfg)
+        loop = original_sims(images.to(dtype), sample_caps, lengths[sample], cfg, scorer=args.scorer)
         loop_sample = CLOCK() - start
         loop_full = loop_sample * args.captions / args.loop_captions
         delta = float((loop - sims[:, sample]).abs().max())
         out[name] = {"kernel": kernels[-1], "engine_s_median": round(engine, 2),
-                     "loop": "port of the original per-caption loop (written from the spec)",
+                     "loop": (f"the unmodified original's xattn_score_{name} ({args.original})" if args.original
+                              else "port of the original per-caption loop (written from the spec)"),
                      "loop_s_extrapolated": round(loop_full, 1),
                      "loop_sample": f"{args.loop_captions} captions in {loop_sample:.1f}s",
                      "speedup": round(loop_full / engine, 1), "max_abs_delta": delta,
@@ -202,6 +231,8 @@ def main() -> int:
     ap.add_argument("--kernels", default="eager,fused",
                     help="eager and/or fused (compiled, modules.fused): timed alternately, the last one is compared "
                          "with the loop")
+    ap.add_argument("--original", metavar="DIR",
+                    help="your checkout of kuanghuei/SCAN: time its own xattn_score_t2i/i2t instead of the port")
     ap.add_argument("--coco", action="store_true")
     ap.add_argument("--coco-fraction", type=float, default=0.1)
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
@@ -214,6 +245,7 @@ def main() -> int:
         global CLOCK
         CLOCK = time.thread_time
     dtype = getattr(torch, args.dtype)
+    args.scorer = original_scorer(args.original) if args.original else None
     result = {"f30k": run_f30k(args, dtype), "clock": args.clock, "loadavg": os.getloadavg()}
     if args.coco:
         result["coco5k"] = run_coco(args, dtype)
