@@ -4,9 +4,7 @@ Shapes of the Flickr30K test protocol: 1,000 images x 5,000 captions, 36 regions
 like F30K's (about 12 words, plus <start>/<end>). For t2i and i2t (the README's LSE settings) it reports:
 engine time for the full matrix, the port's time (measured on a sample of captions against all images in the
 original's 128 x 128 shards, extrapolated linearly: every pair costs the same), their ratio, max |delta| on the
-sample, peak resident memory, and GFLOP/s against a plain torch.matmul roofline on this machine, for the eager
-kernel and the fused one (the element-wise chain compiled by `torch.compile`, `itmatch.modules.fused`), timed
-alternately; the fused kernel's compilation (or its load from PyTorch's cache) is timed apart, before.
+sample, peak resident memory, and GFLOP/s against a plain torch.matmul roofline on this machine.
 
     python benchmarks/xattn_eval.py [--dtype float32|float64] [--loop-captions 256] [--coco] [--repeats 3]
     OMP_NUM_THREADS=1 python benchmarks/xattn_eval.py --clock thread ...   # one core, CPU time: robust to load
@@ -38,7 +36,6 @@ from common import PeakRss, rss_mb
 from common import matmul_gflops as matmul_rate
 from itmatch.models.base import Encoded
 from itmatch.modules.cross_attention import XAttnConfig, xattn_similarity
-from itmatch.modules.fused import ENV
 
 REGIONS, DIM = 36, 1024
 SETTINGS = {  # the F30K README presets with LSE aggregation
@@ -155,49 +152,30 @@ def run_f30k(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     for name, cfg in SETTINGS.items():
         roofs.append(matmul_gflops(dtype))  # again between settings: the machine's load moves
         roof = statistics.median(roofs)
-        kernels = args.kernels.split(",")
-        compile_s = None
-        if "fused" in kernels:  # compile (or load from PyTorch's cache) before timing: reported on its own
-            os.environ[ENV] = "on"
-            start = CLOCK()
-            xattn_similarity(images[:4].to(dtype), texts.emb, lengths[:64], cfg, offsets=texts.offsets[:64])
-            compile_s = CLOCK() - start
-        times: dict[str, list[float]] = {k: [] for k in kernels}
-        result: dict[str, torch.Tensor] = {}
+        times = []
         base = rss_mb()
         with PeakRss() as peak:
-            for _ in range(args.repeats):  # the kernels alternate, so both see the same drift of the machine
-                for kernel in kernels:
-                    os.environ[ENV] = {"eager": "off", "fused": "on"}[kernel]
-                    start = CLOCK()
-                    result[kernel] = xattn_similarity(images.to(dtype), texts.emb, lengths, cfg,
-                                                      offsets=texts.offsets, budget_mb=args.budget)
-                    times[kernel].append(CLOCK() - start)
-        os.environ.pop(ENV, None)
-        sims = result[kernels[-1]]
-        engine = statistics.median(times[kernels[-1]])
+            for _ in range(args.repeats):
+                start = CLOCK()
+                sims = xattn_similarity(images.to(dtype), texts.emb, lengths, cfg, offsets=texts.offsets,
+                                        budget_mb=args.budget)
+                times.append(CLOCK() - start)
+        engine = statistics.median(times)
         start = CLOCK()
         loop = original_sims(images.to(dtype), sample_caps, lengths[sample], cfg, scorer=args.scorer)
         loop_sample = CLOCK() - start
         loop_full = loop_sample * args.captions / args.loop_captions
         delta = float((loop - sims[:, sample]).abs().max())
-        out[name] = {"kernel": kernels[-1], "engine_s_median": round(engine, 2),
+        gflops = flops / engine / 1e9
+        out[name] = {"engine_s_median": round(engine, 2), "engine_runs_s": [round(t, 2) for t in times],
                      "loop": (f"the unmodified original's xattn_score_{name} ({args.original})" if args.original
                               else "port of the original per-caption loop (written from the spec)"),
                      "loop_s_extrapolated": round(loop_full, 1),
                      "loop_sample": f"{args.loop_captions} captions in {loop_sample:.1f}s",
                      "speedup": round(loop_full / engine, 1), "max_abs_delta": delta,
                      "peak_rss_mb": round(peak.peak), "peak_rss_increase_mb": round(peak.peak - base),
-                     "matmul_roofline_gflops": round(roof, 1)}
-        for kernel in kernels:
-            seconds = statistics.median(times[kernel])
-            out[name][kernel] = {"s_median": round(seconds, 2), "runs_s": [round(t, 2) for t in times[kernel]],
-                                 "gflops": round(flops / seconds / 1e9, 1),
-                                 "roofline_fraction": round(flops / seconds / 1e9 / roof, 3)}
-        if compile_s is not None:
-            out[name]["fused"]["compile_s"] = round(compile_s, 1)
-        if len(kernels) == 2:
-            out[name]["max_abs_delta_fused_vs_eager"] = float((result["fused"] - result["eager"]).abs().max())
+                     "gflops": round(gflops, 1), "matmul_roofline_gflops": round(roof, 1),
+                     "roofline_fraction": round(gflops / roof, 3)}
         print(name, json.dumps(out[name]), flush=True)
     return out
 
@@ -228,9 +206,6 @@ def main() -> int:
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", type=float, default=1024.0, help="MB for engine intermediates per tile")
-    ap.add_argument("--kernels", default="eager,fused",
-                    help="eager and/or fused (compiled, modules.fused): timed alternately, the last one is compared "
-                         "with the loop")
     ap.add_argument("--original", metavar="DIR",
                     help="your checkout of kuanghuei/SCAN: time its own xattn_score_t2i/i2t instead of the port")
     ap.add_argument("--coco", action="store_true")

@@ -23,7 +23,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from itmatch.modules.fused import Fused, use_fused
 from itmatch.modules.norm import EPS
 
 Direction = Literal["t2i", "i2t"]
@@ -95,16 +94,14 @@ def _aggregate(r: torch.Tensor, cfg: XAttnConfig, qmask: torch.Tensor | None,
 
 
 def _attend(dots: torch.Tensor, context: torch.Tensor, query_norm: torch.Tensor, cmask: torch.Tensor | None,
-            qmask: torch.Tensor | None, cfg: XAttnConfig, gram: torch.Tensor | None = None,
-            inplace: bool | None = None) -> torch.Tensor:
+            qmask: torch.Tensor | None, cfg: XAttnConfig, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Cosine of every query item with its attended context, for dots laid out (B, S, X, Q).
 
     B owns the context items (S of them: `context` is (B, S, d)), X indexes the other modality's items, Q their
-    query items. Reductions over S are strided but no tensor is permuted or copied; without autograd (`inplace`
-    None) the big intermediates are updated in place (memory traffic, not arithmetic, bounds this part on CPUs).
+    query items. Reductions over S are strided but no tensor is permuted or copied; without autograd the big
+    intermediates are updated in place (memory traffic, not arithmetic, bounds this part on CPUs).
     """
-    if inplace is None:
-        inplace = not (torch.is_grad_enabled() and (dots.requires_grad or context.requires_grad))
+    inplace = not (torch.is_grad_enabled() and (dots.requires_grad or context.requires_grad))
     b, s, x, q = dots.shape
     w = _raw_norm(dots, cfg.raw_feature_norm, qmask, cfg.eps, inplace)
     # softmax over the context axis S. After an l1/l2 norm or a softmax the logits are bounded
@@ -130,24 +127,13 @@ def _attend(dots: torch.Tensor, context: torch.Tensor, query_norm: torch.Tensor,
     return num / (query_norm * att_norm).clamp(min=cfg.eps)
 
 
-def _pool_attended(dots: torch.Tensor, context: torch.Tensor, query_norm: torch.Tensor, cmask: torch.Tensor | None,
-                   qmask: torch.Tensor | None, cfg: XAttnConfig, gram: torch.Tensor | None,
-                   agg_mask: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor:
-    """`_attend` then `_aggregate`, out of place: the chain `torch.compile` fuses (`modules.fused`)."""
-    cos = _attend(dots, context, query_norm, cmask, qmask, cfg, gram, inplace=False)
-    return _aggregate(cos, cfg, agg_mask, counts)
-
-
-_FUSED_POOL = Fused(_pool_attended)
-
-
 def context_gram(context: torch.Tensor) -> torch.Tensor:
     """(B, S, S) Gram matrices of the context items of each of the B images or captions."""
     return context @ context.transpose(1, 2)
 
 
 def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                 cfg: XAttnConfig, gram: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+                 cfg: XAttnConfig, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Scores of every image with every caption in one tile.
 
     Args:
@@ -156,7 +142,6 @@ def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Te
         lengths: (Nc,) number of valid words per caption.
         gram: the context's `context_gram` if already computed (the images' for t2i, the zero-padded captions'
             for i2t), so that a tile loop computes it once per image or caption rather than once per tile.
-        fused: run the element-wise chain after the matrix product compiled (`modules.fused`; no autograd).
     Returns:
         (Ni, Nc) similarity scores.
     """
@@ -166,24 +151,16 @@ def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Te
     wmask = torch.arange(L, device=captions.device)[None, :] < lengths[:, None]  # (Nc, L)
     wmask_f = wmask.to(captions.dtype)
     captions = captions * wmask_f[..., None]  # padding contributes exact zeros to every dot product
-    # A size-1 axis would cost a compilation of its own (PyTorch specialises sizes 0 and 1): such tiles are small
-    fused = fused and min(ni, r, nc, L) > 1
     if cfg.direction == "t2i":
         # context = regions of each image, query = words: dots (Ni, R, Nc, L), straight from one matrix product
         dots = (images.reshape(ni * r, d) @ captions.reshape(nc * L, d).T).view(ni, r, nc, L)
         word_norm = torch.linalg.vector_norm(captions, dim=-1)  # (Nc, L)
         qmask = wmask_f[None, None] if cfg.raw_feature_norm == "softmax" else None
-        if fused:
-            return _FUSED_POOL(dots, images, word_norm[None], None, qmask, cfg, gram, wmask[None],
-                               lengths.to(dots.dtype)[None, :])
         cos = _attend(dots, images, word_norm[None], None, qmask, cfg, gram)  # (Ni, Nc, L)
         return _aggregate(cos, cfg, wmask[None], lengths.to(cos.dtype)[None, :])
     # i2t: context = words of each caption, query = regions: dots (Nc, L, Ni, R)
     dots = (captions.reshape(nc * L, d) @ images.reshape(ni * r, d).T).view(nc, L, ni, r)
     region_norm = torch.linalg.vector_norm(images, dim=-1)  # (Ni, R)
-    if fused:
-        return _FUSED_POOL(dots, captions, region_norm[None], wmask_f[:, :, None, None], None, cfg, gram, None,
-                           None).T
     cos = _attend(dots, captions, region_norm[None], wmask_f[:, :, None, None], None, cfg, gram)  # (Nc, Ni, R)
     return _aggregate(cos, cfg, None, None).T
 
@@ -242,8 +219,7 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
 
     `captions` is (Nc, L, d) zero-padded, or (sum of lengths, d) packed with `offsets`; each tile is cast to
     the images' dtype. Captions are processed in order of length, so each tile is padded only to its own
-    longest caption; the result is scattered back to the input order. Tile size never changes a score. Large
-    calls without autograd run the element-wise chain compiled (`modules.fused.use_fused`).
+    longest caption; the result is scattered back to the input order. Tile size never changes a score.
     """
     ni, r, _ = images.shape
     nc = len(lengths)
@@ -257,7 +233,6 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
     # tile; with autograd the tile computes its own, so the backward graph (and its float sums) stays per tile.
     reuse = not (torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad))
     image_gram = context_gram(images) if reuse and cfg.direction == "t2i" else None
-    fused = use_fused(ni * r * int(lengths.sum()), autograd=not reuse)
     start = 0
     while start < nc:
         longest = int(lengths[order[start]])
@@ -268,6 +243,6 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
         caption_gram = context_gram(caps) if reuse and cfg.direction == "i2t" else None
         for i0 in range(0, ni, ti):
             gram = image_gram[i0 : i0 + ti] if image_gram is not None else caption_gram
-            out[i0 : i0 + ti, cols] = xattn_scores(images[i0 : i0 + ti], caps, lens, cfg, gram, fused)
+            out[i0 : i0 + ti, cols] = xattn_scores(images[i0 : i0 + ti], caps, lens, cfg, gram)
         start += tc
     return out
