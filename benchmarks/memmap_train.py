@@ -9,8 +9,9 @@ and its workers), and seconds per step within 10 % of the same training on image
         [--keep] [--write-only]
 
 `--coco` writes 113,287 x 36 x 2048 float32 (33 GB; F30K's 29,000 by default). Runs alternate, `--rounds` times:
-"disk" trains on the whole file (random batches: with a file larger than the page cache most reads go to the
-disk), "cached" on its first `--cached-images` images after reading them once (so they are in the page cache).
+"disk" trains on the whole file, evicted from the page cache first (`posix_fadvise` DONTNEED), on random batches
+drawn with another seed in each round (the reads go to the disk), "cached" on its first `--cached-images`
+images after reading them once (so they are in the page cache).
 Prints file size, write time, median seconds per step of each kind (the first 3 steps of a run excluded), their
 ratio, peak RSS of this process (sampled and ru_maxrss) and of the workers (ru_maxrss of the children).
 """
@@ -56,14 +57,16 @@ def write_dataset(root: Path, n_train: int) -> float:
     return time.perf_counter() - started
 
 
-def train_run(root: Path, out: Path, *, steps: int, workers: int, images: int) -> dict:
-    """Train VSE++ for `steps` steps; seconds per step (median after 3) and peak RSS of this process."""
+def train_run(root: Path, out: Path, *, steps: int, workers: int, images: int, seed: int = 0) -> dict:
+    """Train VSE++ for `steps` steps; seconds per step (median after 3) and peak RSS of this process. `seed`
+    draws the batches: each "disk" run takes another, so that it reads images no earlier run brought into the
+    page cache."""
     from itmatch.config import load_preset
     from itmatch.training import fit
 
     shutil.rmtree(out, ignore_errors=True)
     overrides = [f"data.path={json.dumps(str(root))}", f"train.max_steps={steps}", "train.epochs=1",
-                 f"data.workers={workers}"]
+                 f"data.workers={workers}", f"train.seed={seed}"]
     if images:
         overrides.append(f"data.train_images={images}")
     cfg = load_preset("vsepp_f30k_precomp", overrides)
@@ -72,6 +75,15 @@ def train_run(root: Path, out: Path, *, steps: int, workers: int, images: int) -
         fit(cfg, out, on_step=lambda state, stats: stamps.append(time.perf_counter()))
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][2:]
     return {"seconds_per_step": statistics.median(gaps), "steps": len(stamps), "peak_rss_mb": peak.peak}
+
+
+def evict(path: Path) -> None:
+    """Drop the file's pages from the page cache (clean pages: no root needed), so a "disk" run starts cold."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def warm(path: Path, n_bytes: int) -> float:
@@ -94,11 +106,17 @@ def main() -> int:
     ap.add_argument("--cached-images", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--no-willneed", action="store_true",
+                    help="do not ask the kernel for a batch's rows ahead (MappedArray's MADV_WILLNEED): the before")
     ap.add_argument("--write-only", action="store_true",
                     help="write the files and stop (implies --keep): a later run measures, and its workers' peak "
                          "RSS is then theirs, not the writer's")
     args = ap.parse_args()
     n_train = N_COCO if args.coco else args.n_train
+    if args.no_willneed:  # inherited by the DataLoader workers (forked)
+        from itmatch.data.npy import MappedArray
+
+        MappedArray._will_need = lambda self, rows: None
 
     from itmatch.cli import main as cli_main
 
@@ -125,8 +143,11 @@ def main() -> int:
         for kind in ("cached", "disk"):
             if kind == "cached":
                 warm(root / "train_ims.npy", 128 + args.cached_images * REGIONS * DIM * 4)
+            else:
+                evict(root / "train_ims.npy")
             res = train_run(root, Path(args.dir) / "run", steps=args.steps, workers=args.workers,
-                            images=args.cached_images if kind == "cached" else 0)
+                            images=args.cached_images if kind == "cached" else 0,
+                            seed=0 if kind == "cached" else r + 1)
             res["loadavg"] = os.getloadavg()[0]
             runs[kind].append(res)
             print(f"round {r + 1} {kind:6s} {res['seconds_per_step']:.3f} s/step  peak RSS {res['peak_rss_mb']:.0f} MB"
@@ -140,7 +161,8 @@ def main() -> int:
     peak = max(x["peak_rss_mb"] for xs in runs.values() for x in xs)
     result = {
         "file_gb": round(size_gb, 2), "images": n_train, "machine_memory_gb": round(mem_gb, 1),
-        "workers": args.workers, "steps_per_run": args.steps, "batch_size": 128, "rounds": args.rounds,
+        "workers": args.workers, "willneed": not args.no_willneed,
+        "steps_per_run": args.steps, "batch_size": 128, "rounds": args.rounds,
         "first_read_of_cached_part_s": round(warm_s, 1),
         "cached_s_per_step": round(cached, 3), "disk_s_per_step": round(disk, 3),
         "disk_over_cached": round(disk / cached, 3),

@@ -64,6 +64,7 @@ class DataConfig:
     test_split: str = "test"
     batch_size: int = positive(128)
     workers: int = non_negative(0)  # the originals never pass num_workers to the precomp loader
+    prefetch: int = bounded(4, ge=1, le=64)  # batches each worker reads ahead (memory-mapped features on a slow disk)
     shuffle_captions: bool = False  # control experiment: pair training captions with random images
     train_images: int = non_negative(0)  # train on the first N images of the train split only (0 = all); quick runs
     source: Literal["features", "images"] = "features"  # images: raw images via id_mapping.json (grid/CNN models)

@@ -359,6 +359,7 @@ def _fit(cfg: Config, out: Path, info: distributed.DistInfo, device: torch.devic
             loader = torch.utils.data.DataLoader(
                 _Batches(dataset, batches[state.step_in_epoch :], augment, (tc.seed, state.epoch, state.step_in_epoch)),
                 batch_size=None, shuffle=False, num_workers=dc.workers,
+                prefetch_factor=dc.prefetch if dc.workers else None,
                 generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + state.epoch),
             )
             loss_module.train()

@@ -86,11 +86,27 @@ class MappedArray:
         return len(self.shape)
 
     def __getitem__(self, index: int | slice | np.ndarray | list[int]) -> np.ndarray:
-        out = np.array(self._open()[index], copy=True)
+        array = self._open()
+        if isinstance(index, (list, np.ndarray)) and len(index) > 1:
+            self._will_need(index)
+        out = np.array(array[index], copy=True)
         self._since_release += out.nbytes
         if self._since_release >= self.release_bytes:
             self.release()
         return out
+
+    def _will_need(self, rows: np.ndarray | list[int]) -> None:
+        """Ask the kernel to read every row of a batch at once: random rows of a file not in the page cache would
+        otherwise be faulted in one after another, each waiting for the disk (the COCO-size benchmark: 1.9x the
+        step time of cached data with one worker)."""
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if self._map is None or not hasattr(mmap, "MADV_WILLNEED") or row_bytes < mmap.PAGESIZE:
+            return
+        n = self.shape[0]
+        for row in np.unique(np.asarray(rows, dtype=np.int64) % max(n, 1)).tolist():
+            start = self._offset + row * row_bytes
+            aligned = start - start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_WILLNEED, aligned, start - aligned + row_bytes)
 
     def release(self) -> None:
         """Drop this process's mapped pages (they stay in the page cache, not in our RSS)."""
