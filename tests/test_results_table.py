@@ -85,3 +85,14 @@ def test_a_killed_run_continues_from_its_checkpoint_to_the_same_result(tiny_data
     history = [json.loads((tmp_path / d / "vsepp.seed0" / "summary.json").read_text())["history"]
                for d in ("whole", "killed")]
     assert history[0] == history[1]
+
+
+def test_the_demo_row_trains_what_make_demo_trains() -> None:
+    """The README quotes the demo row's seed 0 as `make demo`'s run: same preset, same overrides, default seed."""
+    from itmatch import demo
+    from itmatch.config import load_preset
+
+    rt = _script()
+    (preset, sets), = [(p, s) for label, p, s in rt.ROWS if label == rt.DEMO_ROW]
+    assert preset == demo.PRESET and sets == list(demo.DEMO_SETS)
+    assert load_preset(preset).train.seed == 0, "the table's seed 0 is the preset's own seed"
