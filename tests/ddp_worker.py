@@ -1,8 +1,9 @@
 """Worker started by `torchrun` in tests/test_distributed.py (not a test module itself).
 
     ddp_worker.py grads DATA OUT_FILE       one DDP forward/backward of a global batch; rank 0 saves loss + grads
-    ddp_worker.py fit DATA OUT_DIR LOG [--crash-at N] [--resume] [--preset NAME] [--epochs N]
-                                            `fit` under torchrun; every checkpoint write is logged with its rank
+    ddp_worker.py fit DATA OUT_DIR LOG [--crash-at N] [--resume] [--preset NAME] [--epochs N] [--device D]
+                                            `fit` under torchrun (`--device cuda`: NCCL); every checkpoint write
+                                            is logged with its rank
     ddp_worker.py pairs BERT OUT_FILE NAME...
                                             per method: one DDP forward/backward of `pair_setup`'s global batch;
                                             rank 0 saves loss + grads, every rank the (images, captions) it scored
@@ -117,7 +118,8 @@ def pairs(bert: str, out_file: str, *names: str) -> None:
     distributed.teardown()
 
 
-def fit_run(data: str, out_dir: str, log: str, crash_at: int, resume: bool, preset: str, epochs: str) -> None:
+def fit_run(data: str, out_dir: str, log: str, crash_at: int, resume: bool, preset: str, epochs: str,
+            device: str = "") -> None:
     from itmatch.checkpoints import native
     from itmatch.training import fit
 
@@ -136,6 +138,8 @@ def fit_run(data: str, out_dir: str, log: str, crash_at: int, resume: bool, pres
             raise SystemExit(3)
 
     overrides = [f"train.epochs={epochs}"] if epochs else []
+    if device:
+        overrides.append(f'train.device="{device}"')
     fit(tiny_config(data, *overrides, preset=preset), out_dir, resume=resume, on_step=crash if crash_at else None)
 
 
@@ -154,4 +158,5 @@ if __name__ == "__main__":
         crash_at = int(rest[rest.index("--crash-at") + 1]) if "--crash-at" in rest else 0
         preset = rest[rest.index("--preset") + 1] if "--preset" in rest else "vsepp_synth"
         epochs = rest[rest.index("--epochs") + 1] if "--epochs" in rest else ""
-        fit_run(rest[0], rest[1], rest[2], crash_at, "--resume" in rest, preset, epochs)
+        device = rest[rest.index("--device") + 1] if "--device" in rest else ""
+        fit_run(rest[0], rest[1], rest[2], crash_at, "--resume" in rest, preset, epochs, device)
