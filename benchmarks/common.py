@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from itmatch.cost import rss_mb
 
-def rss_mb() -> float:
-    """Current resident set size of this process, in MB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+CLOCK_HELP = "thread: CPU time of this thread, robust to other load (needs OMP_NUM_THREADS=1)"
+
+
+def add_clock_argument(ap: argparse.ArgumentParser) -> None:
+    """`--clock wall|thread`, as every benchmark takes it."""
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall", help=CLOCK_HELP)
+
+
+def chosen_clock(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Callable[[], float]:
+    """The timer `--clock` names; `thread` only with one thread (CPU time of one thread is the whole work)."""
+    if args.clock != "thread":
+        return time.perf_counter
+    import torch
+
+    if torch.get_num_threads() != 1:
+        ap.error("--clock thread measures one CPU thread: run with OMP_NUM_THREADS=1")
+    return time.thread_time
 
 
 class PeakRss:

@@ -49,7 +49,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step as ours  # noqa: E402
+from common import add_clock_argument, chosen_clock  # noqa: E402
 
 # (pattern, replacement, why): applied to every source file of the original that is imported
 REWRITES: tuple[tuple[str, str, str], ...] = (
@@ -220,13 +220,9 @@ def main() -> int:
     ap.add_argument("--method", required=True, choices=sorted(ORIGINALS))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                    help="thread: CPU time of this thread, robust to other load (needs OMP_NUM_THREADS=1)")
+    add_clock_argument(ap)
     args = ap.parse_args()
-    if args.clock == "thread":
-        if torch.get_num_threads() != 1:
-            ap.error("--clock thread measures one CPU thread: run with OMP_NUM_THREADS=1")
-        ours.CLOCK = time.thread_time
+    ours.CLOCK = chosen_clock(ap, args)
     if not (args.original / ORIGINALS[args.method][0].replace(".", "/")).with_suffix(".py").is_file():
         ap.error(f"{args.original} has no {ORIGINALS[args.method][0].replace('.', '/')}.py")
     clock = ours.CLOCK

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from common import add_clock_argument, chosen_clock
+
 PRESETS = {  # method label -> (preset, extra overrides)
     "vsepp": ("vsepp_f30k_precomp", []),
     "scan_t2i": ("scan_f30k_t2i_lse", []),
@@ -242,14 +244,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--json", help="write the rows as JSON")
-    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                    help="thread: CPU time of this thread, robust to other load (needs OMP_NUM_THREADS=1)")
+    add_clock_argument(ap)
     args = ap.parse_args()
-    if args.clock == "thread":
-        if torch.get_num_threads() != 1:
-            ap.error("--clock thread measures one CPU thread: run with OMP_NUM_THREADS=1")
-        global CLOCK
-        CLOCK = time.thread_time
+    global CLOCK
+    CLOCK = chosen_clock(ap, args)
     methods = args.methods.split(",")
     if unknown := [m for m in methods if m not in PRESETS]:
         ap.error(f"unknown method(s) {unknown}")

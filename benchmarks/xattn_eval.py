@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import PeakRss, rss_mb
+from common import PeakRss, add_clock_argument, chosen_clock, rss_mb
 from common import matmul_gflops as matmul_rate
 from itmatch.models.base import Encoded
 from itmatch.modules.cross_attention import XAttnConfig, xattn_similarity
@@ -210,15 +210,11 @@ def main() -> int:
                     help="your checkout of kuanghuei/SCAN: time its own xattn_score_t2i/i2t instead of the port")
     ap.add_argument("--coco", action="store_true")
     ap.add_argument("--coco-fraction", type=float, default=0.1)
-    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                    help="thread: CPU time of this thread, robust to other load (needs OMP_NUM_THREADS=1)")
+    add_clock_argument(ap)
     ap.add_argument("--out", help="write the figures as JSON")
     args = ap.parse_args()
-    if args.clock == "thread":
-        if torch.get_num_threads() != 1:
-            ap.error("--clock thread measures one CPU thread: run with OMP_NUM_THREADS=1")
-        global CLOCK
-        CLOCK = time.thread_time
+    global CLOCK
+    CLOCK = chosen_clock(ap, args)
     dtype = getattr(torch, args.dtype)
     args.scorer = original_scorer(args.original) if args.original else None
     result = {"f30k": run_f30k(args, dtype), "clock": args.clock, "loadavg": os.getloadavg()}

@@ -62,28 +62,26 @@ def is_cross_attention(images: Encoded) -> bool:
     return images.emb.ndim == 3
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now, in MB (0 where /proc is missing)."""
+def _proc_mb(path: str, key: str) -> float | None:
+    """The `key:` line of a /proc file (kB) in MB, or None where it cannot be read."""
     try:
-        with open("/proc/self/status") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def mem_available_mb() -> float | None:
-    """MemAvailable of /proc/meminfo in MB, or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB (0 where /proc is missing)."""
+    return _proc_mb("/proc/self/status", "VmRSS") or 0.0
+
+
+def mem_available_mb() -> float | None:
+    """MemAvailable of /proc/meminfo in MB, or None where it cannot be read."""
+    return _proc_mb("/proc/meminfo", "MemAvailable")
 
 
 def _first_captions(texts: Encoded, n: int) -> Encoded:
