@@ -89,6 +89,38 @@ def test_tile_size_does_not_change_results(budget_mb: float) -> None:
         torch.testing.assert_close(tiled, whole, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_tiles_side_by_side_on_two_threads_give_the_scores_of_one_pass(norm: str) -> None:
+    """Without autograd, caption tiles run on two threads, each reusing its scratch buffers across tiles of
+    different shapes; every norm and aggregation must give the whole-matrix scores."""
+    images, captions, lengths = random_case(ni=9, nc=23, seed=11)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.get_num_threads() == 2, "the test needs two intra-op threads"
+        for direction, agg in itertools.product(["t2i", "i2t"], AGGS):
+            cfg = XAttnConfig(direction=direction, raw_feature_norm=norm, agg_func=agg)
+            whole = xattn_scores(images, captions, lengths, cfg)
+            with torch.inference_mode():
+                tiled = xattn_similarity(images, captions, lengths, cfg, budget_mb=0.02)
+            torch.testing.assert_close(tiled, whole, rtol=1e-6, atol=1e-6)
+        assert torch.get_num_threads() == 2, "the workers' thread settings leaked"
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("n_captions,words,budget_mb", [(5000, 14, 16.0), (5000, 37, 16.0), (5000, 9, 3.0),
+                                                         (12, 14, 16.0), (5000, 60, 0.5)])
+def test_caption_tiles_are_a_multiple_of_eight_within_the_budget(n_captions: int, words: int,
+                                                                   budget_mb: float) -> None:
+    """The tile's product has Nc*L columns: a multiple of 8 keeps MKL's GEMM on its fast path."""
+    from itmatch.modules.cross_attention import CAPTION_ALIGN, tile_shape
+
+    ti, tc = tile_shape(1000, n_captions, 36, words, 4, budget_mb)
+    assert 6 * 36 * words * 4 * ti * tc <= budget_mb * 2**20
+    assert tc == n_captions or tc <= CAPTION_ALIGN or tc % CAPTION_ALIGN == 0
+
+
 def test_float64_matches_float32_closely_and_gradients_flow() -> None:
     images, captions, lengths = random_case(seed=7)
     cfg = XAttnConfig()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from itmatch.modules.norm import EPS
+from itmatch.modules.workspace import Workspace, run_tiles
 
 Direction = Literal["t2i", "i2t"]
 RawNorm = Literal["clipped_l2norm", "l2norm", "clipped", "no_norm", "softmax", "l1norm", "clipped_l1norm"]
@@ -33,6 +34,10 @@ UNBOUNDED_NORMS = ("clipped", "no_norm")  # raw norms that leave the softmax log
 # over a tile stream from main memory instead of the caches, and the matrix products gain nothing (on a 2-core
 # EPYC, 1 MB L2 per core: 1024 MB tiles ran at 0.42-0.46 of the GEMM rate, 8-16 MB tiles per thread at 0.75-0.8).
 CACHE_TILE_MB_PER_THREAD = 16.0
+# Captions per tile are a multiple of this (when there are more): the tile's product has Nc*L columns, and MKL's
+# float32 GEMM ran 10-30 % slower when that count was not a multiple of 8 (1224 x 1024 @ 1024 x 561: 67-84
+# GFLOP/s on one core, x 568: 97-100).
+CAPTION_ALIGN = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +50,18 @@ class XAttnConfig:
     eps: float = EPS
 
 
-def _raw_norm(a: torch.Tensor, kind: str, qmask: torch.Tensor | None, eps: float, inplace: bool) -> torch.Tensor:
-    """Normalise raw scores over the last (query) axis. Never modifies `a`.
+def _raw_norm(a: torch.Tensor, kind: str, qmask: torch.Tensor | None, eps: float, inplace: bool,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalise raw scores over the last (query) axis. Never modifies `a`; `out` (in-place mode only) receives
+    the result instead of a fresh tensor.
 
     Padded query items must have zero scores (their vectors are zeroed), so they add nothing to the sums of the
     norms; only the softmax needs `qmask` (1 = valid), since exp(0) is not 0.
     """
-    if kind in ("clipped_l2norm", "clipped", "clipped_l1norm"):
-        x = F.leaky_relu(a, negative_slope=0.1)  # upstream uses LeakyReLU(0.1), not the paper's ReLU
+    if kind in ("clipped_l2norm", "clipped", "clipped_l1norm"):  # upstream: LeakyReLU(0.1), not the paper's ReLU
+        x = F.leaky_relu(a, negative_slope=0.1) if out is None else torch._C._nn.leaky_relu(a, 0.1, out=out)
     elif kind in ("l2norm", "l1norm", "no_norm", "softmax"):
-        x = a.clone() if inplace else a
+        x = (a.clone() if out is None else out.copy_(a)) if inplace else a
     else:
         raise ValueError(f"unknown raw_feature_norm {kind!r}")
     match kind:
@@ -94,16 +101,20 @@ def _aggregate(r: torch.Tensor, cfg: XAttnConfig, qmask: torch.Tensor | None,
 
 
 def _attend(dots: torch.Tensor, context: torch.Tensor, query_norm: torch.Tensor, cmask: torch.Tensor | None,
-            qmask: torch.Tensor | None, cfg: XAttnConfig, gram: torch.Tensor | None = None) -> torch.Tensor:
+            qmask: torch.Tensor | None, cfg: XAttnConfig, gram: torch.Tensor | None = None,
+            ws: Workspace | None = None) -> torch.Tensor:
     """Cosine of every query item with its attended context, for dots laid out (B, S, X, Q).
 
     B owns the context items (S of them: `context` is (B, S, d)), X indexes the other modality's items, Q their
     query items. Reductions over S are strided but no tensor is permuted or copied; without autograd the big
-    intermediates are updated in place (memory traffic, not arithmetic, bounds this part on CPUs).
+    intermediates are updated in place (memory traffic, not arithmetic, bounds this part on CPUs), in `ws`'s
+    buffers when given.
     """
     inplace = not (torch.is_grad_enabled() and (dots.requires_grad or context.requires_grad))
+    ws = ws if inplace else None
     b, s, x, q = dots.shape
-    w = _raw_norm(dots, cfg.raw_feature_norm, qmask, cfg.eps, inplace)
+    w = _raw_norm(dots, cfg.raw_feature_norm, qmask, cfg.eps, inplace,
+                  None if ws is None else ws.take("weights", dots.shape, dots))
     # softmax over the context axis S. After an l1/l2 norm or a softmax the logits are bounded
     # (|.| <= lambda_softmax) and exp needs no shift; `clipped` and `no_norm` leave them unbounded (un-normalised
     # features, `no_imgnorm`), so the maximum over the valid context items is subtracted, as nn.Softmax does.
@@ -122,7 +133,9 @@ def _attend(dots: torch.Tensor, context: torch.Tensor, query_norm: torch.Tensor,
     num = (dots.mul_(alpha) if inplace else dots * alpha).sum(1)  # (B, X, Q); dots is not needed afterwards
     if gram is None:
         gram = context_gram(context)
-    ga = torch.bmm(gram, alpha.reshape(b, s, x * q)).view(b, s, x, q)
+    flat = alpha.reshape(b, s, x * q)
+    ga = (torch.bmm(gram, flat) if ws is None else torch.bmm(gram, flat, out=ws.take("gram_alpha", flat.shape, flat))
+          ).view(b, s, x, q)
     att_norm = (ga.mul_(alpha) if inplace else ga * alpha).sum(1).clamp_(min=0).sqrt_()  # (B, X, Q)
     return num / (query_norm * att_norm).clamp(min=cfg.eps)
 
@@ -133,7 +146,8 @@ def context_gram(context: torch.Tensor) -> torch.Tensor:
 
 
 def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                 cfg: XAttnConfig, gram: torch.Tensor | None = None) -> torch.Tensor:
+                 cfg: XAttnConfig, gram: torch.Tensor | None = None,
+                 workspace: Workspace | None = None) -> torch.Tensor:
     """Scores of every image with every caption in one tile.
 
     Args:
@@ -142,6 +156,8 @@ def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Te
         lengths: (Nc,) number of valid words per caption.
         gram: the context's `context_gram` if already computed (the images' for t2i, the zero-padded captions'
             for i2t), so that a tile loop computes it once per image or caption rather than once per tile.
+        workspace: scratch buffers for the large intermediates, shared by the caller's tiles; used only when no
+            gradient is recorded.
     Returns:
         (Ni, Nc) similarity scores.
     """
@@ -151,17 +167,26 @@ def xattn_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Te
     wmask = torch.arange(L, device=captions.device)[None, :] < lengths[:, None]  # (Nc, L)
     wmask_f = wmask.to(captions.dtype)
     captions = captions * wmask_f[..., None]  # padding contributes exact zeros to every dot product
+    if torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad):
+        workspace = None
+
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if workspace is None:
+            return a @ b.T
+        return torch.mm(a, b.T, out=workspace.take("dots", (a.shape[0], b.shape[0]), a))
+
     if cfg.direction == "t2i":
         # context = regions of each image, query = words: dots (Ni, R, Nc, L), straight from one matrix product
-        dots = (images.reshape(ni * r, d) @ captions.reshape(nc * L, d).T).view(ni, r, nc, L)
+        dots = product(images.reshape(ni * r, d), captions.reshape(nc * L, d)).view(ni, r, nc, L)
         word_norm = torch.linalg.vector_norm(captions, dim=-1)  # (Nc, L)
         qmask = wmask_f[None, None] if cfg.raw_feature_norm == "softmax" else None
-        cos = _attend(dots, images, word_norm[None], None, qmask, cfg, gram)  # (Ni, Nc, L)
+        cos = _attend(dots, images, word_norm[None], None, qmask, cfg, gram, workspace)  # (Ni, Nc, L)
         return _aggregate(cos, cfg, wmask[None], lengths.to(cos.dtype)[None, :])
     # i2t: context = words of each caption, query = regions: dots (Nc, L, Ni, R)
-    dots = (captions.reshape(nc * L, d) @ images.reshape(ni * r, d).T).view(nc, L, ni, r)
+    dots = product(captions.reshape(nc * L, d), images.reshape(ni * r, d)).view(nc, L, ni, r)
     region_norm = torch.linalg.vector_norm(images, dim=-1)  # (Ni, R)
-    cos = _attend(dots, captions, region_norm[None], wmask_f[:, :, None, None], None, cfg, gram)  # (Nc, Ni, R)
+    cos = _attend(dots, captions, region_norm[None], wmask_f[:, :, None, None], None, cfg, gram,
+                  workspace)  # (Nc, Ni, R)
     return _aggregate(cos, cfg, None, None).T
 
 
@@ -185,21 +210,26 @@ def attention_weights(regions: torch.Tensor, words: torch.Tensor, cfg: XAttnConf
 
 def tile_shape(n_images: int, n_captions: int, regions: int, words: int, itemsize: int,
                budget_mb: float) -> tuple[int, int]:
-    """Images x captions per tile so that the ~6 live (Ni, Nc, R, L) intermediates fit in `budget_mb`."""
+    """Images x captions per tile so that the ~6 live (Ni, Nc, R, L) intermediates fit in `budget_mb`; the
+    captions a multiple of `CAPTION_ALIGN` unless that leaves fewer than `CAPTION_ALIGN` or takes them all."""
     per_pair = 6 * regions * max(words, 1) * itemsize
     pairs = max(1, int(budget_mb * 2**20 // per_pair))
     tc = min(n_captions, max(1, int(math.sqrt(pairs))))
     ti = min(n_images, max(1, pairs // tc))
     if ti == n_images:  # spend what the images leave on more captions
         tc = min(n_captions, max(1, pairs // ti))
+    if CAPTION_ALIGN < tc < n_captions:
+        tc -= tc % CAPTION_ALIGN
     return ti, tc
 
 
-def cache_budget_mb(budget_mb: float, device: torch.device) -> float:
-    """The tile budget actually used: `budget_mb`, capped on the CPU at a cache-sized tile per thread."""
+def cache_budget_mb(budget_mb: float, device: torch.device, workers: int = 1) -> float:
+    """The budget of one tile: `budget_mb` shared by `workers` tiles scored side by side, capped on the CPU at a
+    cache-sized tile per thread (each of `workers` tiles has one thread; a lone tile has all of them)."""
     if device.type != "cpu":
         return budget_mb
-    return min(budget_mb, CACHE_TILE_MB_PER_THREAD * torch.get_num_threads())
+    threads = 1 if workers > 1 else torch.get_num_threads()
+    return min(budget_mb / workers, CACHE_TILE_MB_PER_THREAD * threads)
 
 
 def gather_words(captions: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor | None, cols: torch.Tensor,
@@ -219,7 +249,11 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
 
     `captions` is (Nc, L, d) zero-padded, or (sum of lengths, d) packed with `offsets`; each tile is cast to
     the images' dtype. Captions are processed in order of length, so each tile is padded only to its own
-    longest caption; the result is scattered back to the input order. Tile size never changes a score.
+    longest caption; the result is scattered back to the input order. Tile size changes no score beyond the
+    rounding of the matrix products (their blocking follows the tile's shape).
+
+    Without autograd on the CPU, caption tiles run side by side, one per thread (`run_tiles`), each with its own
+    scratch buffers: no fork/join per element-wise pass and no fresh pages per tile.
     """
     ni, r, _ = images.shape
     nc = len(lengths)
@@ -227,22 +261,35 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
     if offsets is not None:
         offsets = offsets.to(torch.long).to(captions.device)
     order = torch.argsort(lengths.cpu(), descending=True, stable=True)
-    out = images.new_empty((ni, nc))
+    by_length = images.new_empty((ni, nc))  # columns in `order`, scattered back once at the end
     itemsize = images.element_size()
     # Without autograd, the Gram matrices are computed once per image (t2i) or caption tile (i2t), not once per
     # tile; with autograd the tile computes its own, so the backward graph (and its float sums) stays per tile.
     reuse = not (torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad))
+    workers = torch.get_num_threads() if reuse and images.device.type == "cpu" else 1
     image_gram = context_gram(images) if reuse and cfg.direction == "t2i" else None
+    tiles = []  # (first column, captions, images per tile, longest caption): caption tiles in length order
     start = 0
     while start < nc:
         longest = int(lengths[order[start]])
-        ti, tc = tile_shape(ni, nc - start, r, longest, itemsize, cache_budget_mb(budget_mb, images.device))
+        ti, tc = tile_shape(ni, nc - start, r, longest, itemsize, cache_budget_mb(budget_mb, images.device, workers))
+        tiles.append((start, tc, ti, longest))
+        start += tc
+    workers = min(workers, len(tiles))
+
+    def score(tile: tuple[int, int, int, int], workspace: Workspace) -> None:
+        """One caption tile against every image tile."""
+        start, tc, ti, longest = tile
         cols = order[start : start + tc].to(captions.device)
         caps = gather_words(captions, lengths, offsets, cols, longest).to(images.dtype)
         lens = lengths[cols]
         caption_gram = context_gram(caps) if reuse and cfg.direction == "i2t" else None
         for i0 in range(0, ni, ti):
             gram = image_gram[i0 : i0 + ti] if image_gram is not None else caption_gram
-            out[i0 : i0 + ti, cols] = xattn_scores(images[i0 : i0 + ti], caps, lens, cfg, gram)
-        start += tc
+            by_length[i0 : i0 + ti, start : start + tc] = xattn_scores(images[i0 : i0 + ti], caps, lens, cfg, gram,
+                                                                       workspace if reuse else None)
+
+    run_tiles(score, tiles, workers)
+    out = torch.empty_like(by_length)
+    out[:, order.to(out.device)] = by_length
     return out
