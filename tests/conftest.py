@@ -55,6 +55,18 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def pin_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded, rendered synthetic split the pinned presets train on (tests/test_pins.py, the GPU tier)."""
+    from itmatch.cli import main
+    from itmatch.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("pins") / "synth"
+    generate(root, variant="f30k", seed=3, dim=16, sizes={"train": 20, "dev": 10, "test": 10}, render=True)
+    assert main(["-q", "data", "vocab", str(root)]) == 0
+    return root
+
+
 BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ",", "##s", "##er", "cub", "man"]
 
 

@@ -29,25 +29,14 @@ AMP_LOSS_RTOL = {"bf16": 3e-2, "fp16": 5e-3}  # first-step loss under autocast v
 
 
 @pytest.fixture(scope="module")
-def gpu_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from itmatch.cli import main
-    from itmatch.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("gpu") / "synth"
-    generate(root, variant="f30k", seed=3, dim=16, sizes={"train": 20, "dev": 10, "test": 10}, render=True)
-    assert main(["-q", "data", "vocab", str(root)]) == 0
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(gpu_data: Path, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def trained(pin_data: Path, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each pinned preset trained on the CPU (2 epochs of 5 steps): name -> best checkpoint."""
     from itmatch.training import BEST, fit
 
     root = tmp_path_factory.mktemp("gpu_runs")
     out = {}
     for name in sorted(PRESETS):
-        fit(_preset(name, gpu_data, tiny_bert), root / name)
+        fit(_preset(name, pin_data, tiny_bert), root / name)
         out[name] = root / name / BEST
     return out
 
@@ -113,17 +102,17 @@ def _first_step(name: str, data: Path, bert: Path, out: Path, amp: str) -> tuple
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_one_mixed_precision_step_is_finite_and_close_to_float32(name: str, amp: str, gpu_data: Path,
+def test_one_mixed_precision_step_is_finite_and_close_to_float32(name: str, amp: str, pin_data: Path,
                                                                   tiny_bert: Path, tmp_path: Path) -> None:
-    ref_loss, ref = _first_step(name, gpu_data, tiny_bert, tmp_path / "f32", "")
-    loss, weights = _first_step(name, gpu_data, tiny_bert, tmp_path / amp, amp)
+    ref_loss, ref = _first_step(name, pin_data, tiny_bert, tmp_path / "f32", "")
+    loss, weights = _first_step(name, pin_data, tiny_bert, tmp_path / amp, amp)
     assert np.isfinite(loss) and all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
     assert loss == pytest.approx(ref_loss, rel=AMP_LOSS_RTOL[amp]), f"{name} {amp}: loss {loss} vs {ref_loss}"
     moved = [k for k in ref if ref[k].is_floating_point() and not torch.equal(ref[k], weights[k])]
     assert moved, "the step changed the weights under autocast too (float32 and mixed runs differ somewhere)"
 
 
-def test_torchrun_with_nccl_trains_crashes_and_resumes(gpu_data: Path, tmp_path: Path) -> None:
+def test_torchrun_with_nccl_trains_crashes_and_resumes(pin_data: Path, tmp_path: Path) -> None:
     """One process under torchrun on the GPU (NCCL): a run crashes at step 6, resumes from its step-4 checkpoint
     and ends with the dev history of an uninterrupted run."""
     worker = Path(__file__).parent / "ddp_worker.py"
@@ -131,7 +120,7 @@ def test_torchrun_with_nccl_trains_crashes_and_resumes(gpu_data: Path, tmp_path:
 
     def torchrun(run: Path, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(worker),
-               "fit", str(gpu_data), str(run), str(tmp_path / "log.txt"), "--device", "cuda", *extra]
+               "fit", str(pin_data), str(run), str(tmp_path / "log.txt"), "--device", "cuda", *extra]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
     whole = torchrun(tmp_path / "whole")

@@ -31,17 +31,6 @@ PRESETS = {
 }
 
 
-@pytest.fixture(scope="module")
-def pin_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from itmatch.cli import main
-    from itmatch.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("pins") / "synth"
-    generate(root, variant="f30k", seed=3, dim=16, sizes={"train": 20, "dev": 10, "test": 10}, render=True)
-    assert main(["-q", "data", "vocab", str(root)]) == 0
-    return root
-
-
 def _compare(name: str, value: dict | np.ndarray) -> None:
     if isinstance(value, np.ndarray):
         path = PINS / f"sims_{name}.npy"
