@@ -13,9 +13,8 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +28,10 @@ pytest.importorskip("uvicorn")
 
 from itmatch.data.precomp import PrecompSplit  # noqa: E402
 from itmatch.search import build_index  # noqa: E402
+from tests.serving import REPO, running_server  # noqa: E402
 from tests.test_index import save_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -61,41 +60,11 @@ def site(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return {"images": root / "images", "captions": root / "captions", "scan": scan, "data": synth_data}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(*args: str) -> Iterator[str]:
-    """`python -m itmatch serve ARGS` on a free port of 127.0.0.1; yields its URL, stops it afterwards."""
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.Popen([sys.executable, "-m", "itmatch", "serve", *args, "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"itmatch serve exited with {proc.returncode}: {proc.stdout.read()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail("itmatch serve did not answer /api/health within 90 s")
-            time.sleep(0.2)
+    """`python -m itmatch serve ARGS` (`running_server`, its output in a temporary log); yields its URL."""
+    with tempfile.TemporaryDirectory() as tmp, running_server(list(args), Path(tmp) / "serve.log") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
 
 
 def ensure_chromium() -> str:

@@ -11,14 +11,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import select
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +25,7 @@ pytest.importorskip("uvicorn")
 
 from itmatch.search import build_index  # noqa: E402
 from itmatch.serve import ServeLimits  # noqa: E402
+from tests.serving import running_server  # noqa: E402
 from tests.test_index import save_model  # noqa: E402
 from tests.test_serve_bad_inputs import npy_header  # noqa: E402
 
@@ -48,44 +44,6 @@ def indexes(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[
     return [str(root / "images"), str(root / "captions")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def server(indexes: list[str], log: Path) -> Iterator[tuple[str, int]]:
-    """`python -m itmatch serve` (default limits) on a free port of 127.0.0.1, its output in `log`; stopped after."""
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    args = [a for ix in indexes for a in ("--index", ix)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "itmatch", "serve", *args, "--port", str(port)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"itmatch serve exited with {proc.returncode}: {log.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail("itmatch serve did not answer /api/health within 90 s")
-            time.sleep(0.2)
-        yield url, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def assert_no_traceback(log: Path) -> None:
     text = log.read_text()
     assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
@@ -94,7 +52,7 @@ def assert_no_traceback(log: Path) -> None:
 def test_trickling_clients_neither_block_the_server_nor_stay_open(indexes: list[str], tmp_path: Path) -> None:
     n, head = 300, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slowloris\r\nX-Pad: " + b"a" * 60
     log = tmp_path / "serve.log"
-    with server(indexes, log) as (url, port):
+    with running_server([a for ix in indexes for a in ("--index", ix)], log) as (url, port):
         socks: dict[socket.socket, dict] = {}
         for _ in range(n):
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -150,7 +108,7 @@ def test_trickling_clients_neither_block_the_server_nor_stay_open(indexes: list[
 
 def test_disconnects_and_malformed_requests_log_no_traceback(indexes: list[str], tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    with server(indexes, log) as (url, port):
+    with running_server([a for ix in indexes for a in ("--index", ix)], log) as (url, port):
         def raw(data: bytes, *, read: bool) -> bytes:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.sendall(data)
