@@ -96,3 +96,32 @@ def test_the_demo_row_trains_what_make_demo_trains() -> None:
     (preset, sets), = [(p, s) for label, p, s in rt.ROWS if label == rt.DEMO_ROW]
     assert preset == demo.PRESET and sets == list(demo.DEMO_SETS)
     assert load_preset(preset).train.seed == 0, "the table's seed 0 is the preset's own seed"
+
+
+def test_the_readme_table_is_what_the_committed_per_seed_files_give() -> None:
+    """docs/results/ keeps the per-seed JSONs of the README's table: each row's rsum there, recomputed here as a
+    plain mean and sample std of the seeds' files, is the README's bold cell, and every run was made from one clean
+    commit, which the table names."""
+    import statistics
+
+    rt = _script()
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split(rt.START, 1)[1].split(rt.END, 1)[0]
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert len(rows) == len(rt.ROWS), "one README row per row of the script"
+    commits = set()
+    for (label, _, _), line in zip(rt.ROWS, rows, strict=True):
+        assert line.startswith(f"| {label} |"), (label, line)
+        runs = [json.loads((root / "docs" / "results" / f"{rt.slug_of(label)}.seed{s}.json").read_text())
+                for s in (0, 1, 2)]
+        assert [r["seed"] for r in runs] == [0, 1, 2] and all(r["label"] == label for r in runs)
+        rsums = [r["rsum"] for r in runs]
+        cell = f"**{statistics.mean(rsums):.1f} ± {statistics.stdev(rsums):.1f}**"
+        assert cell in line, (label, cell, line)
+        for r in runs:
+            git = r["provenance"]["git"]
+            assert git["dirty"] is False, f"{label} seed {r['seed']} ran on a dirty tree"
+            commits.add(git["commit"])
+    assert len(commits) == 1, commits
+    assert f"code {next(iter(commits))[:12]}" in block
