@@ -34,9 +34,9 @@ UNBOUNDED_NORMS = ("clipped", "no_norm")  # raw norms that leave the softmax log
 # over a tile stream from main memory instead of the caches, and the matrix products gain nothing (on a 2-core
 # EPYC, 1 MB L2 per core: 1024 MB tiles ran at 0.42-0.46 of the GEMM rate, 8-16 MB tiles per thread at 0.75-0.8).
 CACHE_TILE_MB_PER_THREAD = 16.0
-# Captions per tile are a multiple of this (when there are more): the tile's product has Nc*L columns, and MKL's
+# Captions per tile are a multiple of this (when there are more): t2i's product has Nc*L columns, and MKL's
 # float32 GEMM ran 10-30 % slower when that count was not a multiple of 8 (1224 x 1024 @ 1024 x 561: 67-84
-# GFLOP/s on one core, x 568: 97-100).
+# GFLOP/s on one core, x 568: 97-100; 480 x 1024 @ 1024 x 1116: 93, x 1152: 99).
 CAPTION_ALIGN = 8
 
 
@@ -211,15 +211,20 @@ def attention_weights(regions: torch.Tensor, words: torch.Tensor, cfg: XAttnConf
 def tile_shape(n_images: int, n_captions: int, regions: int, words: int, itemsize: int,
                budget_mb: float) -> tuple[int, int]:
     """Images x captions per tile so that the ~6 live (Ni, Nc, R, L) intermediates fit in `budget_mb`; the
-    captions a multiple of `CAPTION_ALIGN` unless that leaves fewer than `CAPTION_ALIGN` or takes them all."""
+    captions a multiple of `CAPTION_ALIGN` unless that leaves fewer than `CAPTION_ALIGN` or takes them all, the
+    images even unless they are all in the tile."""
     per_pair = 6 * regions * max(words, 1) * itemsize
     pairs = max(1, int(budget_mb * 2**20 // per_pair))
-    tc = min(n_captions, max(1, int(math.sqrt(pairs))))
+
+    def aligned(tc: int) -> int:
+        return tc - tc % CAPTION_ALIGN if CAPTION_ALIGN < tc < n_captions else tc
+
+    tc = aligned(min(n_captions, max(1, int(math.sqrt(pairs)))))
     ti = min(n_images, max(1, pairs // tc))
     if ti == n_images:  # spend what the images leave on more captions
-        tc = min(n_captions, max(1, pairs // ti))
-    if CAPTION_ALIGN < tc < n_captions:
-        tc -= tc % CAPTION_ALIGN
+        tc = aligned(min(n_captions, max(1, pairs // ti)))
+    elif ti > 1:  # i2t's product has Ni*R columns: with 36 regions an even Ni makes them a multiple of 8
+        ti -= ti % 2
     return ti, tc
 
 
