@@ -59,7 +59,7 @@ def _raw_norm(a: torch.Tensor, kind: str, qmask: torch.Tensor | None, eps: float
     norms; only the softmax needs `qmask` (1 = valid), since exp(0) is not 0.
     """
     if kind in ("clipped_l2norm", "clipped", "clipped_l1norm"):  # upstream: LeakyReLU(0.1), not the paper's ReLU
-        x = F.leaky_relu(a, negative_slope=0.1) if out is None else torch._C._nn.leaky_relu(a, 0.1, out=out)
+        x = F.leaky_relu(a, negative_slope=0.1) if out is None else torch.ops.aten.leaky_relu.out(a, 0.1, out=out)
     elif kind in ("l2norm", "l1norm", "no_norm", "softmax"):
         x = (a.clone() if out is None else out.copy_(a)) if inplace else a
     else:
