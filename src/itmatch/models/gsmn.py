@@ -29,7 +29,7 @@ from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.method import Importer, MethodSpec, SplitInputs
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.models.scan import RegionFcEncoder
-from itmatch.modules.cross_attention import gather_words
+from itmatch.modules.cross_attention import gather_words, length_ordered_tiles
 from itmatch.modules.geometry import PolarGaussianKernels
 from itmatch.modules.graph_matching import (
     ImageTile,
@@ -131,13 +131,8 @@ class Gsmn(RetrievalModel):
         image_side = prepare_images(feats[..., :d], feats[..., d:], n_blocks=self.cfg.num_block, visual=visual,
                                     n_kernels=self.cfg.n_kernels)
         image_tiles: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, ImageTile]] = {}
-        tiles = []  # (first column, columns, images per tile, longest caption): caption tiles in length order
-        start = 0
-        while start < nc:
-            longest = int(lengths[order[start]])
-            ti, tc = gsmn_tiles(ni, nc - start, r, longest, self.cfg.num_block, feats.element_size(), self.budget_mb)
-            tiles.append((start, tc, ti, longest))
-            start += tc
+        tiles = length_ordered_tiles(lengths, order, lambda left, longest: gsmn_tiles(
+            ni, left, r, longest, self.cfg.num_block, feats.element_size(), self.budget_mb))
 
         def score(tile: tuple[int, int, int, int], workspace: Workspace) -> None:
             """One caption tile against every image tile."""

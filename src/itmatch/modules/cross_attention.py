@@ -17,6 +17,7 @@ subtraction, as upstream), Mean, Max or Sum.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,10 +109,9 @@ def _attend(dots: torch.Tensor, context: torch.Tensor, query_norm: torch.Tensor,
     B owns the context items (S of them: `context` is (B, S, d)), X indexes the other modality's items, Q their
     query items. Reductions over S are strided but no tensor is permuted or copied; without autograd the big
     intermediates are updated in place (memory traffic, not arithmetic, bounds this part on CPUs), in `ws`'s
-    buffers when given.
+    buffers when given (only then: `xattn_scores` drops it under autograd).
     """
     inplace = not (torch.is_grad_enabled() and (dots.requires_grad or context.requires_grad))
-    ws = ws if inplace else None
     b, s, x, q = dots.shape
     w = _raw_norm(dots, cfg.raw_feature_norm, qmask, cfg.eps, inplace,
                   None if ws is None else ws.take("weights", dots.shape, dots))
@@ -228,6 +228,21 @@ def tile_shape(n_images: int, n_captions: int, regions: int, words: int, itemsiz
     return ti, tc
 
 
+def length_ordered_tiles(lengths: torch.Tensor, order: torch.Tensor,
+                         shape: Callable[[int, int], tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """Caption tiles over the captions sorted longest first (`order`), each padded only to its own longest caption:
+    (first position in `order`, captions, images per tile, longest caption). `shape(captions left, longest)` gives
+    a tile's (images, captions)."""
+    tiles = []
+    start = 0
+    while start < len(order):
+        longest = int(lengths[order[start]])
+        ti, tc = shape(len(order) - start, longest)
+        tiles.append((start, tc, ti, longest))
+        start += tc
+    return tiles
+
+
 def cache_budget_mb(budget_mb: float, device: torch.device, workers: int = 1) -> float:
     """The budget of one tile: `budget_mb` shared by `workers` tiles scored side by side, capped on the CPU at a
     cache-sized tile per thread (each of `workers` tiles has one thread; a lone tile has all of them)."""
@@ -273,14 +288,9 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
     reuse = not (torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad))
     workers = torch.get_num_threads() if reuse and images.device.type == "cpu" else 1
     image_gram = context_gram(images) if reuse and cfg.direction == "t2i" else None
-    tiles = []  # (first column, captions, images per tile, longest caption): caption tiles in length order
-    start = 0
-    while start < nc:
-        longest = int(lengths[order[start]])
-        ti, tc = tile_shape(ni, nc - start, r, longest, itemsize, cache_budget_mb(budget_mb, images.device, workers))
-        tiles.append((start, tc, ti, longest))
-        start += tc
-    workers = min(workers, len(tiles))
+    budget = cache_budget_mb(budget_mb, images.device, workers)
+    tiles = length_ordered_tiles(lengths, order, lambda left, longest: tile_shape(ni, left, r, longest, itemsize,
+                                                                                  budget))
 
     def score(tile: tuple[int, int, int, int], workspace: Workspace) -> None:
         """One caption tile against every image tile."""
@@ -292,7 +302,7 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
         for i0 in range(0, ni, ti):
             gram = image_gram[i0 : i0 + ti] if image_gram is not None else caption_gram
             by_length[i0 : i0 + ti, start : start + tc] = xattn_scores(images[i0 : i0 + ti], caps, lens, cfg, gram,
-                                                                       workspace if reuse else None)
+                                                                       workspace)
 
     run_tiles(score, tiles, workers)
     out = torch.empty_like(by_length)
