@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference po
 
 from tests.gsmn_reference import reference_scores  # noqa: E402
 
+from common import add_clock_argument, chosen_clock, matmul_gflops  # noqa: E402
 from itmatch.models.base import Encoded  # noqa: E402
 from itmatch.models.gsmn import GsmnConfig, build  # noqa: E402
 
@@ -69,12 +69,11 @@ def pair_flops(lengths: torch.Tensor, blocks: int, hidden: int = 32) -> dict[str
             "heads": heads, "all": dots + regions_to_words + words_to_regions + heads}
 
 
-def run(sparse: bool, args: argparse.Namespace) -> dict:
+def run(sparse: bool, args: argparse.Namespace, clock) -> dict:
     torch.manual_seed(0)
     model = build(GsmnConfig(image_dim=2048, embed_dim=DIM, vocab_size=1000, lambda_softmax=20.0, sparse=sparse,
                              xattn_budget_mb=args.budget)).eval().to(args.device)
     feats, boxes, captions, lengths, depends = make_inputs(args.images, args.captions)
-    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     ours_us, loop_us, ratios = [], [], []
     with torch.inference_mode():
         img = model.encode_image(feats.to(args.device), boxes.to(args.device))
@@ -105,8 +104,6 @@ def run(sparse: bool, args: argparse.Namespace) -> dict:
     ours_pair, loop_pair = statistics.median(ours_us), statistics.median(loop_us)
     # Roofline: the products per pair at the rate of one large float32 matmul of the dot products' shape, timed
     # on the same clock in this run; once for the region-word dot products alone, once for every product.
-    from common import matmul_gflops
-
     gemm = matmul_gflops(torch.randn(128 * REGIONS, DIM), torch.randn(DIM, 128 * 14), clock=clock)
     flops = pair_flops(lengths[: args.captions], model.cfg.num_block)
     gflops = flops["dots"] / (ours_pair * 1e-6) / 1e9
@@ -137,13 +134,13 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=8.0, help="MB for intermediates per tile (speed only)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=3, help="alternating timings of both sides; medians are reported")
-    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                    help="thread: CPU time of this thread, robust to other load (needs one thread)")
+    add_clock_argument(ap)
     ap.add_argument("--out", help="write the figures as JSON")
     args = ap.parse_args()
-    if args.clock == "thread" and (torch.get_num_threads() != 1 or args.device != "cpu"):
-        ap.error("--clock thread measures one CPU thread: run with OMP_NUM_THREADS=1 on the CPU")
-    rows = [run(sparse, args) for sparse in (False, True)]
+    clock = chosen_clock(ap, args)
+    if args.clock == "thread" and args.device != "cpu":
+        ap.error("--clock thread measures one CPU thread: run it on the CPU")
+    rows = [run(sparse, args, clock) for sparse in (False, True)]
     info = {"threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__, "clock": args.clock,
             "rounds": args.rounds, "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""), "rows": rows}
     for r in rows:
