@@ -40,7 +40,7 @@ from itmatch.modules.pooling import masked_mean_pool, topk_mean_pool
 from itmatch.modules.region_mlp import FcMlp
 from itmatch.modules.text_bert import STALE_BERT_KEYS, bert_tokens, load_bert, relocate_bert
 from itmatch.modules.transformer import encode_set, post_norm_encoder
-from itmatch.recipe import Recipe
+from itmatch.recipe import Recipe, fused
 from itmatch.registry import register_method
 
 GRAPH = "graph"  # name of the training-only submodule
@@ -242,7 +242,7 @@ class HremRecipe(Recipe):
         model = self.model
         bert = {id(p) for p in model.txt_enc.bert.parameters()}
         trainable = [p for p in model.txt_enc.parameters() if p.requires_grad]
-        return torch.optim.AdamW([
+        return fused(torch.optim.AdamW, [
             {"params": [p for p in trainable if id(p) not in bert], "lr": lr},
             {"params": [p for p in trainable if id(p) in bert], "lr": 0.1 * lr},
             {"params": [p for p in model.img_enc.parameters() if p.requires_grad], "lr": lr},

@@ -37,7 +37,7 @@ from itmatch.modules.norm import EPS, l2norm
 from itmatch.modules.region_mlp import RegionMlp
 from itmatch.modules.text_bert import STALE_BERT_KEYS, bert_tokens, load_bert, relocate_bert
 from itmatch.modules.text_gru import GruTextEncoder
-from itmatch.recipe import Recipe
+from itmatch.recipe import Recipe, fused
 from itmatch.registry import register_method
 
 
@@ -231,7 +231,7 @@ class VseInfinityRecipe(Recipe):
         bigru branch one group with torch's default weight decay 0.01 (it passes none)."""
         model, cfg = self.model, self.model.cfg
         if cfg.text_encoder == "bigru" and not cfg.backbone:
-            return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+            return fused(torch.optim.AdamW, model.parameters(), lr=lr, weight_decay=0.01)
         if cfg.text_encoder == "bigru":
             text = [{"params": list(model.txt_enc.parameters()), "lr": lr}]
         else:
@@ -240,11 +240,11 @@ class VseInfinityRecipe(Recipe):
             text = [{"params": [p for p in trainable if id(p) not in bert], "lr": lr},
                     {"params": [p for p in trainable if id(p) in bert], "lr": 0.1 * lr}]
         if not cfg.backbone:
-            return torch.optim.AdamW([*text, {"params": list(model.img_enc.parameters()), "lr": lr}], lr=lr,
+            return fused(torch.optim.AdamW, [*text, {"params": list(model.img_enc.parameters()), "lr": lr}], lr=lr,
                                      weight_decay=1e-4)
         # Grid: backbone top (layer4) and base at lr * backbone_lr_factor, fc + GPO at lr, weight decay 1e-4.
         backbone, factor = model.img_enc.backbone, cfg.backbone_lr_factor
-        return torch.optim.AdamW([
+        return fused(torch.optim.AdamW, [
             *text,
             {"params": backbone.top_parameters(), "lr": lr * factor},
             {"params": backbone.base_parameters(), "lr": lr * factor},
