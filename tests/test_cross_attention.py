@@ -6,7 +6,13 @@ import zlib
 import pytest
 import torch
 
-from itmatch.modules.cross_attention import XAttnConfig, xattn_scores, xattn_similarity
+from itmatch.modules.cross_attention import (
+    XAttnConfig,
+    length_ordered_tiles,
+    tile_shape,
+    xattn_scores,
+    xattn_similarity,
+)
 
 NORMS = ["clipped_l2norm", "l2norm", "clipped", "no_norm", "softmax", "l1norm", "clipped_l1norm"]
 AGGS = ["LogSumExp", "Mean", "Max", "Sum"]
@@ -131,6 +137,27 @@ def test_float64_matches_float32_closely_and_gradients_flow() -> None:
     images.requires_grad_(True)
     xattn_similarity(images, captions, lengths, cfg, budget_mb=0.01).sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all()
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_tiled_gradients_equal_the_one_tile_gradients(direction: str) -> None:
+    """Training through several image tiles of different heights (the images split once per height) gives the
+    gradients of one tile holding every pair."""
+    images, captions, lengths = random_case(ni=9, nc=13, seed=11)
+    images, captions = images.double(), captions.double()
+    cfg = XAttnConfig(direction=direction, lambda_softmax=9.0 if direction == "t2i" else 4.0)
+    weights = torch.randn(9, 13, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = []
+    for budget_mb in (1024.0, 0.01):
+        tiled = images.clone().requires_grad_(True), captions.clone().requires_grad_(True)
+        (xattn_similarity(*tiled, lengths, cfg, budget_mb=budget_mb) * weights).sum().backward()
+        grads.append([t.grad for t in tiled])
+    order = torch.argsort(lengths, descending=True, stable=True)
+    tiles = length_ordered_tiles(lengths, order, lambda left, longest: tile_shape(9, left, 6, longest, 8, 0.01))
+    heights = {ti for _, _, ti, _ in tiles}
+    assert max(heights) < 9 and len(heights) > 1, f"several image tiles of different heights, not {heights}"
+    for one, many in zip(*grads, strict=True):
+        torch.testing.assert_close(many, one, rtol=1e-12, atol=1e-12)
 
 
 def test_packed_storage_gives_the_same_scores() -> None:

@@ -29,7 +29,7 @@ from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.method import Importer, MethodSpec, SplitInputs
 from itmatch.models.base import Encoded, RetrievalModel, check_data_sizes
 from itmatch.models.scan import RegionFcEncoder
-from itmatch.modules.cross_attention import gather_words, length_ordered_tiles
+from itmatch.modules.cross_attention import caption_tiles, length_ordered_tiles
 from itmatch.modules.geometry import PolarGaussianKernels
 from itmatch.modules.graph_matching import (
     ImageTile,
@@ -128,25 +128,32 @@ class Gsmn(RetrievalModel):
         textual = (txt.stacked_weight(), txt.stacked_bias(), self.t2i_graph.head)
         by_length = feats.new_empty((ni, nc))  # columns in `order`, scattered back once at the end
         # The image side of every tile, computed once per call (about 120 KB per image at the F30K sizes).
-        image_side = prepare_images(feats[..., :d], feats[..., d:], n_blocks=self.cfg.num_block, visual=visual,
+        all_regions, all_coef = feats.split([d, feats.shape[-1] - d], dim=-1)
+        image_side = prepare_images(all_regions, all_coef, n_blocks=self.cfg.num_block, visual=visual,
                                     n_kernels=self.cfg.n_kernels)
-        image_tiles: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, ImageTile]] = {}
         tiles = length_ordered_tiles(lengths, order, lambda left, longest: gsmn_tiles(
             ni, left, r, longest, self.cfg.num_block, feats.element_size(), self.budget_mb))
+        # Under autograd every slice of the batch would have a backward writing into a zero-filled tensor of the
+        # whole batch, once per tile (2 s of GSMN's training step): the images are split once per tile height and
+        # the captions gathered once (`caption_tiles`), so each input gets one backward.
+        grad = torch.is_grad_enabled() and (feats.requires_grad or texts.emb.requires_grad)
+        words_of = caption_tiles(texts.emb, lengths, offsets, order, tiles, grad=grad)
+        image_tiles: dict[int, list[tuple[torch.Tensor, torch.Tensor, ImageTile]]] = {}
+
+        def images_in_tiles(ti: int) -> list[tuple[torch.Tensor, torch.Tensor, ImageTile]]:
+            if ti not in image_tiles:
+                image_tiles[ti] = list(zip(all_regions.split(ti), all_coef.split(ti), image_side.split(ti),
+                                           strict=True))
+            return image_tiles[ti]
 
         def score(tile: tuple[int, int, int, int], workspace: Workspace) -> None:
             """One caption tile against every image tile."""
-            start, tc, ti, longest = tile
-            cols = order[start : start + tc].to(texts.emb.device)
-            caps = gather_words(texts.emb, lengths, offsets, cols, longest).to(feats.device, feats.dtype)
-            lens = lengths[cols].to(feats.device)
+            start, tc, ti, _ = tile
+            caps = words_of(tile).to(feats.device, feats.dtype)
+            lens = lengths[order[start : start + tc].to(lengths.device)].to(feats.device)
             prepared = prepare_captions(caps[..., :d], caps[..., d:], lens, n_blocks=self.cfg.num_block,
                                         textual=textual, n_kernels=self.cfg.n_kernels)
-            for i0 in range(0, ni, ti):
-                if (i0, ti) not in image_tiles:
-                    block = feats[i0 : i0 + ti]
-                    image_tiles[i0, ti] = block[..., :d], block[..., d:], image_side.rows(i0, i0 + ti)
-                regions, coef, image_tile = image_tiles[i0, ti]
+            for i0, (regions, coef, image_tile) in zip(range(0, ni, ti), images_in_tiles(ti), strict=True):
                 by_length[i0 : i0 + ti, start : start + tc] = gsmn_tile_scores(
                     regions, coef, prepared.words, caps[..., d:], lens,
                     n_blocks=self.cfg.num_block, lambda_softmax=self.cfg.lambda_softmax,
@@ -154,7 +161,6 @@ class Gsmn(RetrievalModel):
                     prepared_images=image_tile, workspace=workspace)
 
         # Caption tiles side by side on the CPU threads; with autograd (training) or on a GPU, one after another.
-        grad = torch.is_grad_enabled() and (feats.requires_grad or texts.emb.requires_grad)
         parallel = not grad and feats.device.type == "cpu"
         run_tiles(score, tiles, torch.get_num_threads() if parallel else 1)
         out = torch.empty_like(by_length)

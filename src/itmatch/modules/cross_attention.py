@@ -263,6 +263,23 @@ def gather_words(captions: torch.Tensor, lengths: torch.Tensor, offsets: torch.T
     return captions[rows] * valid[..., None].to(captions.dtype)
 
 
+def caption_tiles(captions: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor | None, order: torch.Tensor,
+                  tiles: list[tuple[int, int, int, int]], *, grad: bool) -> Callable[[tuple[int, int, int, int]],
+                                                                                     torch.Tensor]:
+    """A function giving a tile of `length_ordered_tiles`' (captions, longest, d) zero-padded word features.
+
+    Without autograd each tile gathers its own captions (memory: one tile at a time). Under autograd a gather or
+    slice per tile would cost a backward per tile that writes its gradient into a zero-filled tensor of all the
+    captions; the captions are put in tile order with one gather and split, so one backward joins the gradients.
+    """
+    if not grad:
+        return lambda tile: gather_words(captions, lengths, offsets, order[tile[0] : tile[0] + tile[1]].to(
+            captions.device), tile[3])
+    ordered = gather_words(captions, lengths, offsets, order.to(captions.device), int(lengths.max()))
+    chunks = dict(zip([tile[0] for tile in tiles], ordered.split([tile[1] for tile in tiles]), strict=True))
+    return lambda tile: chunks[tile[0]][:, : tile[3]]
+
+
 def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, cfg: XAttnConfig,
                      *, budget_mb: float = 1024.0, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """(Ni, Nc) cross-attention scores computed tile by tile within `budget_mb` of intermediates.
@@ -291,18 +308,27 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
     budget = cache_budget_mb(budget_mb, images.device, workers)
     tiles = length_ordered_tiles(lengths, order, lambda left, longest: tile_shape(ni, left, r, longest, itemsize,
                                                                                   budget))
+    words_of = caption_tiles(captions, lengths, offsets, order, tiles, grad=not reuse)
+    splits: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def image_tiles(ti: int) -> tuple[torch.Tensor, ...]:
+        """The images in tiles of `ti`, split once per tile height: under autograd one split's backward joins the
+        tiles' gradients, where a slice per tile would write each tile's into a zero-filled tensor of all the
+        images."""
+        if ti not in splits:
+            splits[ti] = images.split(ti)
+        return splits[ti]
 
     def score(tile: tuple[int, int, int, int], workspace: Workspace) -> None:
         """One caption tile against every image tile."""
-        start, tc, ti, longest = tile
-        cols = order[start : start + tc].to(captions.device)
-        caps = gather_words(captions, lengths, offsets, cols, longest).to(images.dtype)
-        lens = lengths[cols]
+        start, tc, ti, _ = tile
+        caps = words_of(tile).to(images.dtype)
+        lens = lengths[order[start : start + tc].to(lengths.device)]
         caption_gram = context_gram(caps) if reuse and cfg.direction == "i2t" else None
         for i0 in range(0, ni, ti):
             gram = image_gram[i0 : i0 + ti] if image_gram is not None else caption_gram
-            by_length[i0 : i0 + ti, start : start + tc] = xattn_scores(images[i0 : i0 + ti], caps, lens, cfg, gram,
-                                                                       workspace)
+            by_length[i0 : i0 + ti, start : start + tc] = xattn_scores(image_tiles(ti)[i0 // ti], caps, lens, cfg,
+                                                                       gram, workspace)
 
     run_tiles(score, tiles, workers)
     out = torch.empty_like(by_length)

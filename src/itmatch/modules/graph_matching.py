@@ -274,11 +274,12 @@ class ImageTile(NamedTuple):
     norms: torch.Tensor  # (K, Ni*R) per-block region norms
     head: FoldedHead  # the visual graph's head, nodes = Ni*R regions
 
-    def rows(self, start: int, stop: int) -> ImageTile:
-        """Images start..stop-1 (views, no copy)."""
+    def split(self, size: int) -> list[ImageTile]:
+        """Tiles of `size` images (views, no copy; under autograd one backward per split, not one per tile)."""
         r = self.norms.shape[1] // self.gram.shape[0]
-        head = self.head._replace(maps=self.head.maps[start * r : stop * r])
-        return ImageTile(self.gram[start:stop], self.norms[:, start * r : stop * r], head)
+        parts = zip(self.gram.split(size), self.norms.split(size * r, dim=1), self.head.maps.split(size * r),
+                    strict=True)
+        return [ImageTile(gram, norms, self.head._replace(maps=maps)) for gram, norms, maps in parts]
 
 
 def prepare_images(images: torch.Tensor, image_coef: torch.Tensor, *, n_blocks: int,
