@@ -21,8 +21,10 @@ product, the region encoders' shape) is measured in the same run. `floor s` is t
 (forward + backward, counted by torch.utils.flop_counter: linear layers, GRUs, attention products) at that rate;
 `floor/step` near 1 means the step is GEMM/GRU work at the machine's rate. `mm share` is the fraction of one
 more step's CPU time (torch.profiler) spent inside matrix products at the rate their shapes actually get (the GRU's
-per-word products are far smaller than the floor's); the rest is elementwise work, copies and autograd. The load
-average is printed per row.
+per-word products are far smaller than the floor's); the rest is elementwise work, copies and autograd, whose three
+largest ops are named. `mm rate` is the step's GFLOP over the time inside those products, as a fraction of the GEMM
+rate: near 1, the products run at the machine's rate and only the rest of the step can shrink. The load average is
+printed per row.
 """
 
 from __future__ import annotations
@@ -189,17 +191,21 @@ def train_step(setup: Setup, batch: Any, step: int, timer: Timer | None = None) 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
 
 
-def matmul_share(setup: Setup, batch: Any, step: int) -> float:
-    """The fraction of one training step's CPU time (torch.profiler, self time of every op) spent inside matrix
-    products (`MATMUL_OPS`: linear layers, GRU gates, attention products, forward and backward), at whatever rate
-    their shapes get."""
+def profile_step(setup: Setup, batch: Any, step: int) -> dict:
+    """Where one more training step's time goes (torch.profiler, self time of every op): the fraction inside matrix
+    products (`MATMUL_OPS`: linear layers, GRU gates, attention products, forward and backward) at whatever rate
+    their shapes get, their total seconds (the step's GFLOP over these gives their rate), and the three largest
+    other ops with their shares."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         train_step(setup, batch, step)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    others = sorted((e for e in events if e.key not in MATMUL_OPS), key=lambda e: -e.self_cpu_time_total)[:3]
+    return {"share": mm / total, "mm_s": mm / 1e6,
+            "top_other": [(e.key.removeprefix("aten::"), round(e.self_cpu_time_total / total, 3)) for e in others]}
 
 
 def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: argparse.Namespace) -> dict:
@@ -230,11 +236,12 @@ def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: arg
         loss_module(batch.images, batch.captions, batch.lengths, epoch=0, **kw)["loss"].backward()
     optimizer.zero_grad(set_to_none=True)
     gflop = counter.get_total_flops() / 1e9
-    gemm_share = matmul_share(setup, source[0], args.steps + 1)
+    prof = profile_step(setup, source[0], args.steps + 1)
     n_params = sum(p.numel() for p in recipe.parameters() if p.requires_grad)
     return {"method": label, "preset": preset, "params_m": round(n_params / 1e6, 1),
             "mean_caption_tokens": float(batch.lengths.float().mean()), **{k: round(v, 3) for k, v in med.items()},
-            "gflop": round(gflop, 1), "gemm_floor_s": round(gflop / gemm, 3), "gemm_share": round(gemm_share, 2),
+            "gflop": round(gflop, 1), "gemm_floor_s": round(gflop / gemm, 3), "gemm_share": round(prof["share"], 2),
+            "mm_rate": round(gflop / prof["mm_s"] / gemm, 2), "top_other": prof["top_other"],
             "steps": [round(r["step"], 3) for r in rows], "loadavg": os.getloadavg()[0]}
 
 
@@ -258,16 +265,17 @@ def main() -> int:
         print(f"clock {args.clock}, threads {torch.get_num_threads()}, GEMM {gemm:.0f} GFLOP/s "
               f"(4608x2048 @ 2048x1024), batch {args.batch}, medians of {args.steps} steps after a warm-up")
         head = f"{'method':14s} {'step s':>7s} " + " ".join(f"{p:>10s}" for p in PHASES)
-        head += "  GFLOP  floor s  floor/step  mm share  load"
+        head += "  GFLOP  floor s  floor/step  mm share  mm rate  load  largest other ops"
         print(head)
         rows = []
         for m in methods:
             r = run_method(m, data, bert, gemm, args)
             rows.append(r)
             floor = f" {r['gflop']:6.0f} {r['gemm_floor_s']:8.3f} {r['gemm_floor_s'] / r['step']:10.2f}"
-            floor += f" {r['gemm_share']:9.2f}"
+            floor += f" {r['gemm_share']:9.2f} {r['mm_rate']:8.2f}"
+            others = ", ".join(f"{name} {share:.0%}" for name, share in r["top_other"])
             print(f"{m:14s} {r['step']:7.3f} " + " ".join(f"{r[p]:10.3f}" for p in PHASES)
-                  + f"{floor}  {r['loadavg']:.1f}", flush=True)
+                  + f"{floor}  {r['loadavg']:4.1f}  {others}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "rows": rows}, indent=2) + "\n")
     return 0
