@@ -50,6 +50,22 @@ def test_packed_gru_equals_torch(bidirectional: bool, layers: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_under_bf16_autocast_the_recurrence_runs_in_bfloat16_and_returns_float32_gradients() -> None:
+    """Both backwards see one dtype: the forward is the same with either, and so are the gradients up to bfloat16
+    summation order; the float32 weights get float32 gradients."""
+    torch.manual_seed(0)
+    rnn = nn.GRU(12, 16, 1, batch_first=True, bidirectional=True)
+    lengths = torch.tensor([3, 7, 1, 7, 5, 2])
+    x = torch.randn(6, 7, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _run(rnn, x, lengths, lambda p: packed_gru(rnn, p, batched_backward=False))
+        fast_out, fast_grads = _run(rnn, x, lengths, lambda p: packed_gru(rnn, p))
+    assert out.dtype == torch.bfloat16 and torch.equal(fast_out, out)
+    assert all(g.dtype == torch.float32 for g in fast_grads) and fast_grads[1].abs().sum() > 0
+    for a, b in zip(fast_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
 def test_batched_backward_is_the_one_that_runs_under_autograd() -> None:
     torch.manual_seed(0)
     rnn = nn.GRU(4, 5, 2, bidirectional=True)

@@ -15,13 +15,18 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 
-def _gru_steps(gates_in: list[torch.Tensor], hidden: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor,
-               reverse: bool) -> list[torch.Tensor]:
-    """The GRU recurrence over packed time steps, op for op as ATen's CPU `GRUCell` with precomputed input gates.
+def _gru_steps(gates_in: list[torch.Tensor], w_hh: torch.Tensor, b_hh: torch.Tensor, reverse: bool,
+               saved: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+    """The GRU recurrence over packed time steps from a zero state, op for op as ATen's CPU `GRUCell` with
+    precomputed input gates.
 
     `gates_in[t]` (batch_t, 3H) are the input projections of step t, batch sizes non-increasing; returns the
     hidden state of every step. Forward: finished sequences leave the batch; reverse: they join it (zero state).
+    The first step's product with the zero state is b_hh exactly (for finite W_hh), so it is not computed.
+    `saved`: two lists (one slot per step) that receive each step's [reset, update, W_hn h + b_hn] and candidate
+    state, what `_GruRecurrence`'s backward needs (W_hn h + b_hn is then kept, not scaled in place).
     """
+    hidden = gates_in[0].new_zeros(len(gates_in[0]), w_hh.size(1))
     out: list[torch.Tensor] = [hidden] * len(gates_in)
     steps = range(len(gates_in) - 1, -1, -1) if reverse else range(len(gates_in))
     h = hidden[: len(gates_in[steps[0]])]
@@ -32,21 +37,24 @@ def _gru_steps(gates_in: list[torch.Tensor], hidden: torch.Tensor, w_hh: torch.T
         elif n > len(h):
             h = torch.cat([h, hidden[len(h) : n]])
         i_r, i_z, i_n = gates_in[t].unsafe_chunk(3, 1)
-        h_r, h_z, h_n = F.linear(h, w_hh, b_hh).unsafe_chunk(3, 1)
+        hh = b_hh.expand(n, -1).clone() if t == steps[0] else F.linear(h, w_hh, b_hh)
+        h_r, h_z, h_n = hh.unsafe_chunk(3, 1)
         reset = h_r.add_(i_r).sigmoid_()
         update = h_z.add_(i_z).sigmoid_()
-        new = i_n.add(h_n.mul_(reset)).tanh_()
+        new = i_n.add(h_n.mul_(reset) if saved is None else h_n * reset).tanh_()
         h = (h - new).mul_(update).add_(new)
         out[t] = h
+        if saved is not None:
+            saved[0][t], saved[1][t] = hh, new  # hh is now [reset, update, W_hn h + b_hn]
     return out
 
 
 class _GruRecurrence(torch.autograd.Function):
     """One direction of one GRU layer over packed steps, with a backward that batches the weight gradients.
 
-    Forward: `_gru_steps`'s operations (the same numbers; the first step's product with the zero state is
-    replaced by b_hh, which it equals exactly for finite W_hh), keeping each step's reset/update gates, the recurrent
-    candidate part `W_hn h + b_hn` and the candidate state. Backward: the recurrence runs backwards computing per
+    Forward: `_gru_steps`, keeping each step's reset/update gates, the recurrent candidate part `W_hn h + b_hn` and
+    the candidate state. Every input is in one dtype (`packed_gru` casts the weights to the gates' dtype under
+    autocast), so the forward and the backward run in it. Backward: the recurrence runs backwards computing per
     step only what is sequential (the gate gradients, the state gradient through W_hh), written into one packed
     (N, 3H) buffer; then dW_hh is ONE product over all steps (dgates^T @ h_prev), db_hh one sum, and the input
     gates get their gradient for all steps at once, so autograd's per-step products and its per-step
@@ -56,28 +64,9 @@ class _GruRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gates_in: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, sizes: tuple[int, ...],
                 reverse: bool) -> torch.Tensor:
-        gates = gates_in.split(sizes)
-        hidden = gates_in.new_zeros(sizes[0], w_hh.size(1))
-        out: list[torch.Tensor] = [hidden] * len(sizes)
-        saved_hh: list[torch.Tensor] = [hidden] * len(sizes)
-        saved_new: list[torch.Tensor] = [hidden] * len(sizes)
-        steps = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
-        h = hidden[: sizes[steps[0]]]
-        for t in steps:  # _gru_steps, keeping W_hn h + b_hn (which _gru_steps scales in place)
-            n = sizes[t]
-            if n < len(h):
-                h = h[:n]
-            elif n > len(h):
-                h = torch.cat([h, hidden[len(h) : n]])
-            i_r, i_z, i_n = gates[t].unsafe_chunk(3, 1)
-            # the first step's state is zero, so its W_hh product is b_hh exactly (for finite W_hh)
-            hh = b_hh.expand(n, -1).clone() if t == steps[0] else F.linear(h, w_hh, b_hh)
-            h_r, h_z, h_n = hh.unsafe_chunk(3, 1)
-            reset = h_r.add_(i_r).sigmoid_()
-            update = h_z.add_(i_z).sigmoid_()
-            new = i_n.add(h_n * reset).tanh_()
-            h = (h - new).mul_(update).add_(new)
-            out[t], saved_hh[t], saved_new[t] = h, hh, new  # hh is now [reset, update, W_hn h + b_hn]
+        saved_hh: list[torch.Tensor] = [gates_in] * len(sizes)
+        saved_new: list[torch.Tensor] = [gates_in] * len(sizes)
+        out = _gru_steps(list(gates_in.split(sizes)), w_hh, b_hh, reverse, (saved_hh, saved_new))
         ctx.sizes, ctx.reverse = sizes, reverse
         ctx.steps = (saved_hh, saved_new, out)
         ctx.save_for_backward(w_hh)
@@ -151,17 +140,20 @@ def packed_gru(rnn: nn.GRU, packed: PackedSequence, *, batched_backward: bool = 
     """
     sizes = packed.batch_sizes.tolist()
     x = packed.data
-    zeros = x.new_zeros(sizes[0], rnn.hidden_size)
     for layer in range(rnn.num_layers):
         outs = []
         for sfx in ("", "_reverse")[: 2 if rnn.bidirectional else 1]:
             w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{n}_l{layer}{sfx}")
                                       for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
             gates = F.linear(x, w_ih, b_ih)
+            # Under autocast the gates come out in the lower precision, as autocast would run the recurrent
+            # products: the recurrence runs in the gates' dtype throughout (the casts' backward returns float32
+            # gradients to the weights). Without autocast the casts are no-ops.
+            w_hh, b_hh = w_hh.to(gates.dtype), b_hh.to(gates.dtype)
             if batched_backward and torch.is_grad_enabled():
                 outs.append(_GruRecurrence.apply(gates, w_hh, b_hh, tuple(sizes), bool(sfx)))
             else:
-                outs.append(torch.cat(_gru_steps(list(gates.split(sizes)), zeros, w_hh, b_hh, reverse=bool(sfx))))
+                outs.append(torch.cat(_gru_steps(list(gates.split(sizes)), w_hh, b_hh, reverse=bool(sfx))))
         x = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         if rnn.dropout and rnn.training and layer < rnn.num_layers - 1:
             x = F.dropout(x, rnn.dropout, training=True)
