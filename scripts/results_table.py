@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -145,10 +147,19 @@ def demo_paragraph(row: dict, file: str) -> str:
     interval = f" (bootstrap 95 % interval {ci['rsum'][0]:.1f}–{ci['rsum'][1]:.1f})" if "rsum" in ci else ""
     contrast = row.get("contrast") or {}
     pairs = f", contrast pairs {contrast['t2i']:.1f} % / {contrast['i2t']:.1f} % (chance 50 %)" if contrast else ""
-    return (f"The demo's run is seed 0 of the table's row \"{row['label']}\" (`{file}`, code {_commit(row)}): "
+    text = (f"The demo's run is seed 0 of the table's row \"{row['label']}\" (`{file}`, code {_commit(row)}): "
             f"test rsum **{row['rsum']:.1f}**{interval}, i2t R@1 {row['i2t']['R@1']:.1f}, t2i R@1 "
             f"{row['t2i']['R@1']:.1f} (chance: rsum 3.2, R@1 0.1){pairs}, {row['train_seconds'] / 60:.1f} min of "
             f"training ({row['epochs']} epochs).")
+    # Wrapped like the rest of the README. Breaks fall only on spaces, never inside a `code` span (none has one),
+    # and a line that would open with a list or quote marker goes back onto the line before it.
+    lines: list[str] = []
+    for line in textwrap.wrap(text, width=116, break_long_words=False, break_on_hyphens=False):
+        if lines and re.match(r"([-*+>#]|\d+[.)])(\s|$)", line):
+            lines[-1] += " " + line
+        else:
+            lines.append(line)
+    return "\n".join(lines)
 
 
 def _replace_block(text: str, start: str, end: str, body: str) -> str:
