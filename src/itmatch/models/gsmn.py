@@ -134,8 +134,8 @@ class Gsmn(RetrievalModel):
         tiles = length_ordered_tiles(lengths, order, lambda left, longest: gsmn_tiles(
             ni, left, r, longest, self.cfg.num_block, feats.element_size(), self.budget_mb))
         # Under autograd every slice of the batch would have a backward writing into a zero-filled tensor of the
-        # whole batch, once per tile (2 s of GSMN's training step): the images are split once per tile height and
-        # the captions gathered once (`caption_tiles`), so each input gets one backward.
+        # whole batch, once per tile (0.4 s of a 6.8 s training step on one thread): the images are split once per
+        # tile height and the captions gathered once (`caption_tiles`), so each input gets one backward.
         grad = torch.is_grad_enabled() and (feats.requires_grad or texts.emb.requires_grad)
         words_of = caption_tiles(texts.emb, lengths, offsets, order, tiles, grad=grad)
         image_tiles: dict[int, list[tuple[torch.Tensor, torch.Tensor, ImageTile]]] = {}

@@ -240,8 +240,8 @@ class VseInfinityRecipe(Recipe):
             text = [{"params": [p for p in trainable if id(p) not in bert], "lr": lr},
                     {"params": [p for p in trainable if id(p) in bert], "lr": 0.1 * lr}]
         if not cfg.backbone:
-            return fused(torch.optim.AdamW, [*text, {"params": list(model.img_enc.parameters()), "lr": lr}], lr=lr,
-                                     weight_decay=1e-4)
+            return fused(torch.optim.AdamW, [*text, {"params": list(model.img_enc.parameters()), "lr": lr}],
+                         lr=lr, weight_decay=1e-4)
         # Grid: backbone top (layer4) and base at lr * backbone_lr_factor, fc + GPO at lr, weight decay 1e-4.
         backbone, factor = model.img_enc.backbone, cfg.backbone_lr_factor
         return fused(torch.optim.AdamW, [
