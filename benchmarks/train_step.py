@@ -15,6 +15,10 @@ preset's augmentation) and one step is timed as `itmatch.training` runs it, spli
 
     python benchmarks/train_step.py [--methods vsepp,scan,...] [--steps 3] [--batch 128] [--json out.json]
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --clock thread ...  # one core, CPU time: robust to load
+    python benchmarks/train_step.py --device cuda [--amp bf16|fp16] ...  # a GPU: wall clock, synchronised
+
+`--amp` runs the step as `itmatch.training` does under `train.amp` (autocast; fp16 with a GradScaler). Each row
+also gives samples/s (batch / step) and, on a GPU, the peak memory allocated.
 
 Medians over `--steps` steps after one warm-up step; the GEMM rate of the machine (a 4608 x 2048 @ 2048 x 1024
 product, the region encoders' shape) is measured in the same run. `floor s` is the step's matrix-product work
@@ -37,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +64,23 @@ VOCAB = 8500
 CLOCK = time.perf_counter
 
 
-def gemm_gflops(seconds: float = 2.0) -> float:
+def gemm_gflops(device: torch.device, seconds: float = 2.0) -> float:
     from common import matmul_gflops
 
-    return matmul_gflops(torch.randn(128 * 36, 2048), torch.randn(2048, 1024), seconds=seconds, clock=CLOCK)
+    a, b = torch.randn(128 * 36, 2048, device=device), torch.randn(2048, 1024, device=device)
+    return matmul_gflops(a, b, seconds=seconds, clock=CLOCK)
+
+
+def synchronised(clock: Callable[[], float], device: torch.device) -> Callable[[], float]:
+    """`clock`, read after the GPU's queued work has finished (a CUDA step returns before its kernels do)."""
+    if device.type != "cuda":
+        return clock
+
+    def read() -> float:
+        torch.cuda.synchronize(device)
+        return clock()
+
+    return read
 
 
 def write_data(root: Path, batch: int) -> Path:
@@ -123,10 +141,19 @@ class Setup:
     optimizer: Any
     source: Any  # the epoch's batches (`_Batches`), augmentation included
     grad_clip: float
+    device: torch.device = torch.device("cpu")
+    amp: torch.dtype | None = None  # autocast dtype (`train.amp`), None for float32
+    scaler: Any = None  # fp16's GradScaler (disabled otherwise), as `itmatch.training` makes it
+
+    def batch(self, step: int) -> Any:
+        """Batch `step` of the epoch (cycling), on the setup's device."""
+        batch = self.source[step % len(self.source)]
+        return batch if self.device.type == "cpu" else batch.to(self.device)
 
 
-def build(label: str, data: Path, bert: Path | None, batch_size: int) -> Setup:
-    """The model, recipe, optimizer and batches of `label`'s F30K preset at `batch_size`."""
+def build(label: str, data: Path, bert: Path | None, batch_size: int, device: str = "cpu",
+          amp: torch.dtype | None = None) -> Setup:
+    """The model, recipe, optimizer and batches of `label`'s F30K preset at `batch_size`, on `device`."""
     from itmatch.config import load_preset
     from itmatch.data.augment import AugmentedCaptions
     from itmatch.data.precomp import CaptionDataset
@@ -145,7 +172,7 @@ def build(label: str, data: Path, bert: Path | None, batch_size: int) -> Setup:
     torch.manual_seed(tc.seed)
     model = create_model(cfg.model)
     recipe = build_recipe(model, cfg)
-    loss_module = _TrainingLoss(recipe)
+    loss_module = _TrainingLoss(recipe).to(device)
     optimizer = recipe.optimizer(tc.lr)
     spec = method_spec(cfg.model.name)
     provider = spec.inputs(cfg.model)
@@ -158,7 +185,9 @@ def build(label: str, data: Path, bert: Path | None, batch_size: int) -> Setup:
     batches = epoch_batches(len(dataset), batch_size, tc.seed, 0)
     source = _Batches(dataset, batches, augment, (tc.seed, 0, 0))
     loss_module.train()
-    return Setup(label, preset, model, recipe, loss_module, optimizer, source, tc.grad_clip)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
+    return Setup(label, preset, model, recipe, loss_module, optimizer, source, tc.grad_clip, torch.device(device),
+                 amp, scaler)
 
 
 def batch_kwargs(setup: Setup, batch: Any) -> dict:
@@ -172,15 +201,19 @@ def train_step(setup: Setup, batch: Any, step: int, timer: Timer | None = None) 
     optimizer step), booking the phases in `timer` (encoders and similarity through its wrappers); the loss."""
     setup.recipe.on_step_start(step, len(setup.source))
     t0 = CLOCK()
-    loss = setup.loss_module(batch.images, batch.captions, batch.lengths, epoch=0,
-                             **batch_kwargs(setup, batch))["loss"]
+    with torch.autocast(setup.device.type, dtype=setup.amp, enabled=setup.amp is not None):
+        loss = setup.loss_module(batch.images, batch.captions, batch.lengths, epoch=0,
+                                 **batch_kwargs(setup, batch))["loss"]
+    loss = loss.float()
     t1 = CLOCK()
     setup.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    setup.scaler.scale(loss).backward()
     t2 = CLOCK()
     if setup.grad_clip > 0:
+        setup.scaler.unscale_(setup.optimizer)
         torch.nn.utils.clip_grad_norm_(setup.loss_module.parameters(), setup.grad_clip)
-    setup.optimizer.step()
+    setup.scaler.step(setup.optimizer)
+    setup.scaler.update()
     if timer is not None:
         timer.t["loss"] = t1 - t0 - timer.t["encoders"] - timer.t["similarity"]
         timer.t["backward"] = t2 - t1
@@ -208,11 +241,16 @@ def profile_step(setup: Setup, batch: Any, step: int) -> dict:
             "top_other": [(e.key.removeprefix("aten::"), round(e.self_cpu_time_total / total, 3)) for e in others]}
 
 
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: argparse.Namespace) -> dict:
-    setup = build(label, data, bert, args.batch)
-    model, recipe, loss_module, optimizer, source = (setup.model, setup.recipe, setup.loss_module,
-                                                     setup.optimizer, setup.source)
+    device = torch.device(args.device)
+    setup = build(label, data, bert, args.batch, args.device, AMP[args.amp])
+    model, recipe, loss_module, optimizer = setup.model, setup.recipe, setup.loss_module, setup.optimizer
     preset = setup.preset
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     timer = Timer()
     timer.wrap(model, "encode_image", "encoders")
     timer.wrap(model, "encode_text", "encoders")
@@ -221,7 +259,7 @@ def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: arg
     for step in range(args.steps + 1):
         timer.t = dict.fromkeys(PHASES, 0.0)
         start = CLOCK()
-        batch = source[step % len(source)]
+        batch = setup.batch(step)
         timer.t["data"] = CLOCK() - start
         train_step(setup, batch, step, timer)
         if step:  # the first step warms up allocators and kernels
@@ -230,19 +268,29 @@ def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: arg
     # The matrix-product work of one step (GRU and linear layers decompose into mm/addmm under the counter)
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = source[0]
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    batch = setup.batch(0)
     kw = batch_kwargs(setup, batch)
     with FlopCounterMode(display=False) as counter:
         loss_module(batch.images, batch.captions, batch.lengths, epoch=0, **kw)["loss"].backward()
     optimizer.zero_grad(set_to_none=True)
     gflop = counter.get_total_flops() / 1e9
-    prof = profile_step(setup, source[0], args.steps + 1)
+    # The CPU profile: on a GPU the CPU's self times are launches, not the work
+    prof = profile_step(setup, batch, args.steps + 1) if device.type == "cpu" else None
     n_params = sum(p.numel() for p in recipe.parameters() if p.requires_grad)
-    return {"method": label, "preset": preset, "params_m": round(n_params / 1e6, 1),
-            "mean_caption_tokens": float(batch.lengths.float().mean()), **{k: round(v, 3) for k, v in med.items()},
-            "gflop": round(gflop, 1), "gemm_floor_s": round(gflop / gemm, 3), "gemm_share": round(prof["share"], 2),
-            "mm_rate": round(gflop / prof["mm_s"] / gemm, 2), "top_other": prof["top_other"],
+    return {"method": label, "preset": preset, "device": str(device), "amp": args.amp,
+            "params_m": round(n_params / 1e6, 1), "mean_caption_tokens": float(batch.lengths.float().mean()),
+            **{k: round(v, 3) for k, v in med.items()}, "samples_per_s": round(args.batch / med["step"], 1),
+            "peak_gpu_gb": None if peak_gpu is None else round(peak_gpu, 2),
+            "gflop": round(gflop, 1), "gemm_floor_s": round(gflop / gemm, 3),
+            "gemm_share": None if prof is None else round(prof["share"], 2),
+            "mm_rate": None if prof is None else round(gflop / prof["mm_s"] / gemm, 2),
+            "top_other": [] if prof is None else prof["top_other"],
             "steps": [round(r["step"], 3) for r in rows], "loadavg": os.getloadavg()[0]}
+
+
+def _cell(value: float | None, width: int) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}.2f}"
 
 
 def main() -> int:
@@ -251,33 +299,44 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--json", help="write the rows as JSON")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast as train.amp (fp16: GPU only)")
     add_clock_argument(ap)
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if device.type == "cuda" and args.clock == "thread":
+        ap.error("--clock thread times one CPU thread; a GPU step needs the wall clock")
+    if args.amp == "fp16" and device.type != "cuda":
+        ap.error("--amp fp16 needs a GPU (its GradScaler is CUDA's); on the CPU use --amp bf16")
     global CLOCK
-    CLOCK = chosen_clock(ap, args)
+    CLOCK = synchronised(chosen_clock(ap, args), device)
     methods = args.methods.split(",")
     if unknown := [m for m in methods if m not in PRESETS]:
         ap.error(f"unknown method(s) {unknown}")
     with tempfile.TemporaryDirectory(prefix="itmatch_train_step_") as tmp:
         data = write_data(Path(tmp), args.batch)
         bert = write_bert_base(Path(tmp)) if any("bert" in PRESETS[m][1] for m in methods) else None
-        gemm = gemm_gflops()
-        print(f"clock {args.clock}, threads {torch.get_num_threads()}, GEMM {gemm:.0f} GFLOP/s "
+        gemm = gemm_gflops(device)
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
+        print(f"device {device} ({where}), amp {args.amp}, clock {args.clock}, float32 GEMM {gemm:.0f} GFLOP/s "
               f"(4608x2048 @ 2048x1024), batch {args.batch}, medians of {args.steps} steps after a warm-up")
-        head = f"{'method':14s} {'step s':>7s} " + " ".join(f"{p:>10s}" for p in PHASES)
-        head += "  GFLOP  floor s  floor/step  mm share  mm rate  load  largest other ops"
+        head = f"{'method':14s} {'step s':>7s} {'samples/s':>9s} " + " ".join(f"{p:>10s}" for p in PHASES)
+        head += "  GFLOP  floor s  floor/step  mm share  mm rate  peak GB  load  largest other ops"
         print(head)
         rows = []
         for m in methods:
             r = run_method(m, data, bert, gemm, args)
             rows.append(r)
             floor = f" {r['gflop']:6.0f} {r['gemm_floor_s']:8.3f} {r['gemm_floor_s'] / r['step']:10.2f}"
-            floor += f" {r['gemm_share']:9.2f} {r['mm_rate']:8.2f}"
+            floor += f" {_cell(r['gemm_share'], 9)} {_cell(r['mm_rate'], 8)} {_cell(r['peak_gpu_gb'], 8)}"
             others = ", ".join(f"{name} {share:.0%}" for name, share in r["top_other"])
-            print(f"{m:14s} {r['step']:7.3f} " + " ".join(f"{r[p]:10.3f}" for p in PHASES)
+            print(f"{m:14s} {r['step']:7.3f} {r['samples_per_s']:9.1f} " + " ".join(f"{r[p]:10.3f}" for p in PHASES)
                   + f"{floor}  {r['loadavg']:4.1f}  {others}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "device": str(device), "amp": args.amp,
+                                               "rows": rows}, indent=2) + "\n")
     return 0
 
 
