@@ -143,7 +143,8 @@ class Setup:
     grad_clip: float
     device: torch.device = torch.device("cpu")
     amp: torch.dtype | None = None  # autocast dtype (`train.amp`), None for float32
-    scaler: Any = None  # fp16's GradScaler (disabled otherwise), as `itmatch.training` makes it
+    # fp16's GradScaler (disabled otherwise), as `itmatch.training` makes it
+    scaler: Any = dataclasses.field(default_factory=lambda: torch.amp.GradScaler("cuda", enabled=False))
 
     def batch(self, step: int) -> Any:
         """Batch `step` of the epoch (cycling), on the setup's device."""
