@@ -16,6 +16,7 @@ flow through the shared evaluation code unchanged: `emb` is (N, nodes, embed_dim
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -138,13 +139,10 @@ class Gsmn(RetrievalModel):
         # tile height and the captions gathered once (`caption_tiles`), so each input gets one backward.
         grad = torch.is_grad_enabled() and (feats.requires_grad or texts.emb.requires_grad)
         words_of = caption_tiles(texts.emb, lengths, offsets, order, tiles, grad=grad)
-        image_tiles: dict[int, list[tuple[torch.Tensor, torch.Tensor, ImageTile]]] = {}
 
+        @functools.cache
         def images_in_tiles(ti: int) -> list[tuple[torch.Tensor, torch.Tensor, ImageTile]]:
-            if ti not in image_tiles:
-                image_tiles[ti] = list(zip(all_regions.split(ti), all_coef.split(ti), image_side.split(ti),
-                                           strict=True))
-            return image_tiles[ti]
+            return list(zip(all_regions.split(ti), all_coef.split(ti), image_side.split(ti), strict=True))
 
         def score(tile: tuple[int, int, int, int], workspace: Workspace) -> None:
             """One caption tile against every image tile."""

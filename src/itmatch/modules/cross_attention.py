@@ -16,6 +16,7 @@ subtraction, as upstream), Mean, Max or Sum.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -309,15 +310,9 @@ def xattn_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torc
     tiles = length_ordered_tiles(lengths, order, lambda left, longest: tile_shape(ni, left, r, longest, itemsize,
                                                                                   budget))
     words_of = caption_tiles(captions, lengths, offsets, order, tiles, grad=not reuse)
-    splits: dict[int, tuple[torch.Tensor, ...]] = {}
-
-    def image_tiles(ti: int) -> tuple[torch.Tensor, ...]:
-        """The images in tiles of `ti`, split once per tile height: under autograd one split's backward joins the
-        tiles' gradients, where a slice per tile would write each tile's into a zero-filled tensor of all the
-        images."""
-        if ti not in splits:
-            splits[ti] = images.split(ti)
-        return splits[ti]
+    # The images in tiles of `ti`, split once per tile height: under autograd one split's backward joins the
+    # tiles' gradients, where a slice per tile would write each tile's into a zero-filled tensor of all the images.
+    image_tiles = functools.cache(images.split)
 
     def score(tile: tuple[int, int, int, int], workspace: Workspace) -> None:
         """One caption tile against every image tile."""
