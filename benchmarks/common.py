@@ -29,6 +29,22 @@ def chosen_clock(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Calla
     return time.thread_time
 
 
+def synchronised(clock: Callable[[], float], device: Any) -> Callable[[], float]:
+    """`clock`, read after the GPU's queued work has finished when `device` is a CUDA device (a call returns
+    before its kernels do); `clock` itself elsewhere."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return clock
+
+    def read() -> float:
+        torch.cuda.synchronize(device)
+        return clock()
+
+    return read
+
+
 class PeakRss:
     """Largest RSS seen while the block runs (sampled every 20 ms)."""
 

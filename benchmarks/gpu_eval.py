@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import synchronised  # noqa: E402
 from gsmn_eval import make_inputs  # noqa: E402
 from itmatch.models.gsmn import GsmnConfig, build  # noqa: E402
 from itmatch.modules.cross_attention import xattn_similarity  # noqa: E402
@@ -33,23 +34,18 @@ SHAPES = {"f30k": (1000, 5000), "coco": (5000, 25000)}
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, list[float], int | None]:
     """Median seconds of `fn()` over `repeats` after a warm-up, the runs, and the peak memory (MB) they used."""
+    clock = synchronised(time.perf_counter, device)
     fn()
-    _sync(device)
+    clock()  # the warm-up's kernels have finished
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        _sync(device)
-        runs.append(time.perf_counter() - start)
+        runs.append(clock() - start)
     peak = round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
     return statistics.median(runs), runs, peak
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference po
 
 from tests.gsmn_reference import reference_scores  # noqa: E402
 
-from common import add_clock_argument, chosen_clock, matmul_gflops  # noqa: E402
+from common import add_clock_argument, chosen_clock, matmul_gflops, synchronised  # noqa: E402
 from itmatch.models.base import Encoded  # noqa: E402
 from itmatch.models.gsmn import GsmnConfig, build  # noqa: E402
 
@@ -89,12 +89,8 @@ def run(sparse: bool, args: argparse.Namespace, clock) -> dict:
         model_cpu = build(model.cfg).eval()
         model_cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
         for _ in range(args.rounds):  # alternate, so that both sides see the same machine state
-            if args.device == "cuda":
-                torch.cuda.synchronize()
             start = clock()
             ours = model.similarity(img, txt)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
             ours_us.append(1e6 * (clock() - start) / (args.images * args.captions))
             start = clock()
             ref = reference_scores(model_cpu, img.emb[:ni, :, :d].cpu(), boxes[:ni], padded, lengths[:nc].tolist(),
@@ -137,7 +133,7 @@ def main() -> int:
     add_clock_argument(ap)
     ap.add_argument("--out", help="write the figures as JSON")
     args = ap.parse_args()
-    clock = chosen_clock(ap, args)
+    clock = synchronised(chosen_clock(ap, args), args.device)
     if args.clock == "thread" and args.device != "cpu":
         ap.error("--clock thread measures one CPU thread: run it on the CPU")
     rows = [run(sparse, args, clock) for sparse in (False, True)]

@@ -41,13 +41,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common import add_clock_argument, chosen_clock
+from common import add_clock_argument, chosen_clock, synchronised
 
 PRESETS = {  # method label -> (preset, extra overrides)
     "vsepp": ("vsepp_f30k_precomp", []),
@@ -69,18 +68,6 @@ def gemm_gflops(device: torch.device, seconds: float = 2.0) -> float:
 
     a, b = torch.randn(128 * 36, 2048, device=device), torch.randn(2048, 1024, device=device)
     return matmul_gflops(a, b, seconds=seconds, clock=CLOCK)
-
-
-def synchronised(clock: Callable[[], float], device: torch.device) -> Callable[[], float]:
-    """`clock`, read after the GPU's queued work has finished (a CUDA step returns before its kernels do)."""
-    if device.type != "cuda":
-        return clock
-
-    def read() -> float:
-        torch.cuda.synchronize(device)
-        return clock()
-
-    return read
 
 
 def write_data(root: Path, batch: int) -> Path:
