@@ -253,10 +253,10 @@ def run_method(label: str, data: Path, bert: Path | None, gemm: float, args: arg
         if step:  # the first step warms up allocators and kernels
             rows.append({**timer.t, "step": CLOCK() - start})
     med = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "step")}
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     # The matrix-product work of one step (GRU and linear layers decompose into mm/addmm under the counter)
     from torch.utils.flop_counter import FlopCounterMode
 
-    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     batch = setup.batch(0)
     kw = batch_kwargs(setup, batch)
     with FlopCounterMode(display=False) as counter:
